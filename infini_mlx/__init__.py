@@ -1,0 +1,27 @@
+"""infini-mlx: Infini-attention (arXiv 2404.07143) for MLX and mlx-lm."""
+
+from .attention import InfiniAttention
+from .cache import InfiniCache
+from .config import InfiniConfig
+from .state import StateFileError, load_state, model_fingerprint, save_state
+from .streaming import prefill
+from .upcycle import SUPPORTED_MODEL_TYPES, upcycle
+from .utils import ModelNotFoundError, load, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "InfiniAttention",
+    "InfiniCache",
+    "InfiniConfig",
+    "ModelNotFoundError",
+    "StateFileError",
+    "SUPPORTED_MODEL_TYPES",
+    "load",
+    "load_state",
+    "model_fingerprint",
+    "prefill",
+    "save",
+    "save_state",
+    "upcycle",
+]

@@ -1,0 +1,129 @@
+"""InfiniAttention: causal attention inside a segment plus a compressive memory."""
+
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import InfiniCache
+from .config import InfiniConfig
+from .memory import group_heads, memory_delta, retrieve, sigma, ungroup_heads
+
+
+class InfiniAttention(nn.Module):
+    """Infini-attention (Eqs. 7-10) built around an mlx-lm attention module.
+
+    The base module's children (``q_proj``/``k_proj``/``v_proj``/``o_proj`` or a
+    fused ``qkv_proj``, optional ``q_norm``/``k_norm``, ``rope``) are adopted
+    under their own names, so Hugging Face weight names are unchanged; the only
+    new parameter is ``gate``, one logit beta per query head.
+
+    Args:
+        base: The mlx-lm attention module to replace (quantized or not).
+        config: The model's Infini semantics.
+        window: Sliding window of the base layer, if it has one.
+    """
+
+    def __init__(
+        self, base: nn.Module, config: InfiniConfig, window: Optional[int] = None
+    ):
+        super().__init__()
+        for name, child in base.items():
+            self[name] = child
+        self.n_heads = base.n_heads
+        self.n_kv_heads = base.n_kv_heads
+        self.scale = base.scale
+        self.softcap = getattr(base, "attn_logit_softcapping", None)
+        self.window = window
+        self.config = config
+        self.gate = mx.full((self.n_heads,), config.gate_init, mx.float32)
+
+    def _project(self, x: mx.array):
+        B, L, _ = x.shape
+        if "qkv_proj" in self:
+            qkv = self.qkv_proj(x)
+            nq = qkv.shape[-1] * self.n_heads // (self.n_heads + 2 * self.n_kv_heads)
+            nk = (qkv.shape[-1] - nq) // 2
+            q, k, v = mx.split(qkv, [nq, nq + nk], axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, L, self.n_heads, -1)
+        k = k.reshape(B, L, self.n_kv_heads, -1)
+        # q_norm/k_norm normalise over head_dim, so before or after the transpose is the same.
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = v.reshape(B, L, self.n_kv_heads, -1)
+        return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def _local(self, q, k, v, start: int):
+        """Causal softmax attention of queries at in-segment positions start.. over k, v."""
+        qL, kL = q.shape[2], k.shape[2]
+        mask = None
+        if self.window is not None and kL > self.window:
+            qi = mx.arange(start, start + qL)[:, None]
+            ki = mx.arange(kL)[None]
+            mask = (qi >= ki) & (qi < ki + self.window)
+        elif qL > 1:
+            mask = "causal"
+        if self.softcap is None:
+            return mx.fast.scaled_dot_product_attention(
+                q, k, v, scale=self.scale, mask=mask
+            )
+        # Gemma 2: logits soft-capped before the softmax.
+        B, H, _, D = q.shape
+        Hkv = k.shape[1]
+        q = (q * self.scale).reshape(B, Hkv, H // Hkv, qL, D)
+        s = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)
+        s = mx.tanh(s / self.softcap) * self.softcap
+        if mask is not None:
+            if isinstance(mask, str):
+                mask = mx.arange(kL - qL, kL)[:, None] >= mx.arange(kL)[None]
+            s = mx.where(mask, s, mx.finfo(s.dtype).min)
+        p = mx.softmax(s.astype(mx.float32), axis=-1).astype(v.dtype)
+        return (p @ mx.expand_dims(v, 2)).reshape(B, H, qL, -1)
+
+    def _block(self, q, k, v, cache: InfiniCache):
+        """One block of tokens that lies inside a single segment."""
+        cfg = self.config
+        B, _, L, D = q.shape
+        start = cache.segment_pos
+        pos = start if cfg.rope_mode == "segment" else cache.offset
+        q_rot = self.rope(q, offset=pos)
+        k_rot = self.rope(k, offset=pos)
+        qm, km = (q_rot, k_rot) if cfg.memory_rope else (q, k)
+
+        M, z = cache.memory(B, self.n_kv_heads, k.shape[-1], v.shape[-1])
+        keys, values = cache.update_and_fetch(k_rot, v)
+        local = self._local(q_rot, keys, values, start)
+
+        sq = group_heads(sigma(qm), self.n_kv_heads, cfg.gqa_memory)
+        mem = retrieve(sq, M[:, :, None], z[:, :, None], cfg.first_segment, cfg.eps)
+        mem = ungroup_heads(mem, cfg.gqa_memory)
+        cache.accumulate(
+            *memory_delta(
+                sigma(km), v, M, z, cfg.update, cfg.first_segment, cfg.eps
+            )
+        )
+        cache.fold_if_full()
+
+        g = mx.sigmoid(self.gate.astype(mx.float32))[:, None, None]
+        if cfg.gate_weights == "local":
+            g = 1 - g
+        out = g * mem + (1 - g) * local.astype(mx.float32)
+        return out.astype(local.dtype)
+
+    def __call__(
+        self, x: mx.array, mask: Optional[Any] = None, cache: Optional[Any] = None
+    ) -> mx.array:
+        # The model's mask is ignored: masks are built per segment in _local.
+        B, L, _ = x.shape
+        q, k, v = self._project(x)
+        if cache is None:
+            cache = InfiniCache(self.config.segment_len)
+        outs, a = [], 0
+        while a < L:
+            b = min(L, a + self.config.segment_len - cache.segment_pos)
+            outs.append(self._block(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], cache))
+            a = b
+        out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -1,0 +1,76 @@
+"""The `"infini"` block of a model's config.json: every choice that changes the math."""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Optional
+
+FORMAT_VERSION = 1
+
+_CHOICES = {
+    "update": ("linear", "delta"),
+    "first_segment": ("zero", "eps"),
+    "rope_mode": ("segment", "absolute"),
+    "gqa_memory": ("interleave", "tile"),
+    "gate_weights": ("memory", "local"),
+}
+
+
+@dataclass
+class InfiniConfig:
+    """Semantics of an Infini-attention model, stored as `"infini"` in config.json.
+
+    Args:
+        segment_len: Tokens per segment N. Local attention sees only the current
+            segment; everything before it is read from the compressive memory.
+        update: Memory update rule: ``"linear"`` (Eq. 8) or ``"delta"`` (Eq. 9).
+        gate_init: Initial gate logit beta of every head (sigmoid(0) = 0.5).
+        first_segment: How an empty memory is read. ``"zero"``: M_0 = 0,
+            z_0 = 0 and the 0/0 retrieval is defined as 0, so the first segment
+            reads nothing. ``"eps"``: the denominator is ``sigma(Q) z + eps``
+            for every segment (some public checkpoints were trained so).
+        eps: The epsilon of ``first_segment="eps"``.
+        rope_mode: Positions of the local path's RoPE: ``"segment"`` restarts
+            at 0 in every segment (default), ``"absolute"`` counts from the
+            start of the input (some checkpoints were trained so).
+        memory_rope: Apply RoPE to the Q/K that read and write the memory.
+            The paper does not; one public checkpoint (jlamprou) did.
+        gqa_memory: Which query heads share a KV head's memory: ``"interleave"``
+            (query head h reads KV head h // group, as attention shares KV heads)
+            or ``"tile"`` (h % n_kv_heads, as Beomi's Llama did).
+        gate_weights: Which output sigmoid(beta) weights: ``"memory"`` (Eq. 10)
+            or ``"local"`` (lucidrains' convention).
+    """
+
+    segment_len: int = 2048
+    update: str = "delta"
+    gate_init: float = 0.0
+    first_segment: str = "zero"
+    eps: float = 1e-6
+    rope_mode: str = "segment"
+    memory_rope: bool = False
+    gqa_memory: str = "interleave"
+    gate_weights: str = "memory"
+
+    def __post_init__(self):
+        if int(self.segment_len) < 1:
+            raise ValueError(f"segment_len must be >= 1, got {self.segment_len}")
+        self.segment_len = int(self.segment_len)
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"infini.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+
+    @classmethod
+    def from_dict(cls, d: Optional[Dict[str, Any]]) -> "InfiniConfig":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - {"version"}
+        if unknown:
+            raise ValueError(f"unknown keys in the infini config: {sorted(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"version": FORMAT_VERSION, **asdict(self)}
+
+    def replace(self, **overrides) -> "InfiniConfig":
+        return InfiniConfig.from_dict({**asdict(self), **overrides})

@@ -1,0 +1,166 @@
+"""Load and save Infini models, reusing mlx-lm's loaders and savers."""
+
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import (
+    DEFAULT_ALLOW_PATTERNS,
+    _download,
+    load_model,
+    load_tokenizer,
+    save_config,
+    save_model,
+)
+
+from .attention import InfiniAttention
+from .config import InfiniConfig
+from .upcycle import upcycle
+
+GATES_FILE = "infini.safetensors"
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def resolve_model_path(path_or_hf_repo: Optional[Union[str, Path]]) -> Path:
+    """A local directory for a path, a Hugging Face id, or None (the embedded model)."""
+    if path_or_hf_repo is None:
+        if not (DEFAULT_MODEL / "config.json").exists():
+            raise ModelNotFoundError("the embedded default model is not installed")
+        return DEFAULT_MODEL
+    path = Path(path_or_hf_repo)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a model directory (no config.json)")
+        return path
+    name = str(path_or_hf_repo)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelNotFoundError(f"model {name!r} not found: no such directory")
+    try:
+        return _download(name, allow_patterns=DEFAULT_ALLOW_PATTERNS + [GATES_FILE])
+    except Exception as e:  # hub errors vary: offline, 404, gated, bad id
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(
+            f"model {name!r} is neither a local directory nor reachable on the "
+            f"Hugging Face Hub ({reason})"
+        ) from None
+
+
+def _gate_keys(model: nn.Module):
+    return [k for k, _ in tree_flatten(model.parameters()) if k.endswith("self_attn.gate")]
+
+
+def load(
+    path_or_hf_repo: Optional[Union[str, Path]] = None,
+    infini: Optional[Dict[str, Any]] = None,
+    tokenizer_config: Optional[Dict[str, Any]] = None,
+    lazy: bool = False,
+    return_config: bool = False,
+):
+    """Load a model as an Infini-attention model, with its tokenizer.
+
+    A model saved by infini-mlx (or converted by ``infini convert``) comes back
+    with its gates and its ``"infini"`` semantics. Any other mlx-lm model of a
+    supported family is upcycled: its attention is replaced and new gates start
+    at ``gate_init``.
+
+    Args:
+        path_or_hf_repo: Local directory or Hugging Face id; ``None`` for the
+            embedded default model.
+        infini: Overrides of the ``"infini"`` config block, e.g.
+            ``{"segment_len": 512}``.
+        tokenizer_config: Passed to mlx-lm's tokenizer loader.
+        lazy: Leave the weights unevaluated until first use.
+        return_config: Also return the config dict (with its ``"infini"`` block).
+
+    Returns:
+        ``(model, tokenizer)`` or ``(model, tokenizer, config)``.
+    """
+    model_path = resolve_model_path(path_or_hf_repo)
+    model, config = load_model(model_path, lazy=True)
+    cfg = InfiniConfig.from_dict({**config.get("infini", {}), **(infini or {})})
+    upcycle(model, config["model_type"], cfg)
+
+    gates_file = model_path / GATES_FILE
+    if gates_file.exists():
+        gates = mx.load(str(gates_file))
+        missing = set(_gate_keys(model)) - set(gates)
+        if missing:
+            raise ValueError(f"{gates_file} lacks {len(missing)} gates, e.g. {min(missing)}")
+        model.load_weights(list(gates.items()), strict=False)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+
+    config["infini"] = cfg.to_dict()
+    tokenizer = load_tokenizer(
+        model_path, tokenizer_config, eos_token_ids=config.get("eos_token_id", None)
+    )
+    if return_config:
+        return model, tokenizer, config
+    return model, tokenizer
+
+
+@contextmanager
+def _gates_removed(model: nn.Module):
+    """Hide the gates so mlx-lm's save_model writes only the base weights."""
+    attns = [l.self_attn for l in model.layers if isinstance(l.self_attn, InfiniAttention)]
+    gates = [a.pop("gate") for a in attns]
+    try:
+        yield
+    finally:
+        for a, g in zip(attns, gates):
+            a["gate"] = g
+
+
+def save(
+    path: Union[str, Path],
+    model: nn.Module,
+    tokenizer: Any,
+    config: Dict[str, Any],
+    overwrite: bool = False,
+) -> None:
+    """Save an Infini model as an mlx-lm directory plus its gates.
+
+    The base weights go to ``model*.safetensors`` exactly as mlx-lm writes them,
+    so ``mlx_lm.load`` still loads the directory as the base model; the gates go
+    to ``infini.safetensors`` and the semantics to ``config.json["infini"]``.
+    The directory is written next to its destination and renamed into place.
+
+    Args:
+        path: Destination directory; it must not exist unless ``overwrite``.
+        model: The Infini model.
+        tokenizer: Its tokenizer (anything with ``save_pretrained``), or None.
+        config: The model's config dict.
+        overwrite: Replace an existing directory.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
+    config = dict(config)
+    config["infini"] = model.infini_config.to_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        gates = {k: v for k, v in tree_flatten(model.parameters()) if k.endswith("self_attn.gate")}
+        with _gates_removed(model):
+            save_model(tmp, model)
+        mx.save_safetensors(str(tmp / GATES_FILE), gates, metadata={"format": "mlx"})
+        save_config(config, config_path=tmp / "config.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,143 @@
+"""InfiniAttention against an independent NumPy implementation of Eqs. 7-10."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models import llama
+
+from infini_mlx import InfiniAttention, InfiniCache, InfiniConfig
+
+B, L, DIM, H, HKV, D, N = 2, 41, 32, 4, 2, 8, 12  # 4 segments, the last partial
+
+
+# ---- the reference: plain NumPy, written from the paper, not from the package ----
+
+
+def np_sigma(x):
+    return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+
+
+def np_rope(x, positions, base=10000.0):
+    # Non-traditional RoPE (rotate halves), as Llama uses.
+    half = x.shape[-1] // 2
+    freqs = base ** (-np.arange(half) * 2.0 / x.shape[-1])
+    ang = positions[:, None] * freqs[None]
+    cos, sin = np.cos(ang), np.sin(ang)
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def np_infini(x, Wq, Wk, Wv, Wo, beta, cfg):
+    Bx, Lx, _ = x.shape
+    R = H // HKV
+    q = (x @ Wq.T).reshape(Bx, Lx, H, D).transpose(0, 2, 1, 3)
+    k = (x @ Wk.T).reshape(Bx, Lx, HKV, D).transpose(0, 2, 1, 3)
+    v = (x @ Wv.T).reshape(Bx, Lx, HKV, D).transpose(0, 2, 1, 3)
+    # Which memory (KV head) each query head reads.
+    kv_of = [h // R if cfg["gqa"] == "interleave" else h % HKV for h in range(H)]
+    M = np.zeros((Bx, HKV, D, D))
+    z = np.zeros((Bx, HKV, D))
+    out = np.zeros((Bx, H, Lx, D))
+    g = 1 / (1 + np.exp(-beta))
+
+    def read(s, M, z):  # s: (..., n, D) already sigma'd
+        num, den = s @ M, s @ z[..., None]
+        if cfg["first"] == "eps":
+            return num / (den + 1e-6)
+        return np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+
+    for s0 in range(0, Lx, N):
+        s1 = min(Lx, s0 + N)
+        n = s1 - s0
+        pos = np.arange(n) if cfg["rope"] == "segment" else np.arange(s0, s1)
+        qs, ks, vs = q[:, :, s0:s1], k[:, :, s0:s1], v[:, :, s0:s1]
+        qr, kr = np_rope(qs, pos), np_rope(ks, pos)
+        for h in range(H):
+            j = kv_of[h]
+            # A_dot: causal softmax attention inside the segment (KV head h // R).
+            a = h // R
+            sc = qr[:, h] @ kr[:, a].transpose(0, 2, 1) / np.sqrt(D)
+            sc = np.where(np.tril(np.ones((n, n))) > 0, sc, -np.inf)
+            p = np.exp(sc - sc.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            local = p @ vs[:, a]
+            # A_mem (Eq. 7): un-rotated Q against the memory of segments < s.
+            mem = read(np_sigma(qs[:, h]), M[:, j], z[:, j])
+            out[:, h, s0:s1] = g[h] * mem + (1 - g[h]) * local
+        if n < N:
+            break  # the partial last segment stays pending
+        sk = np_sigma(ks)  # un-rotated K
+        upd = vs - read(sk, M, z) if cfg["update"] == "delta" else vs
+        M = M + sk.transpose(0, 1, 3, 2) @ upd
+        z = z + sk.sum(axis=2)
+    y = out.transpose(0, 2, 1, 3).reshape(Bx, Lx, H * D) @ Wo.T
+    return y, M, z
+
+
+# ---- the test ----
+
+CASES = [
+    dict(update="linear", gqa="interleave", rope="segment", first="zero"),
+    dict(update="delta", gqa="interleave", rope="segment", first="zero"),
+    dict(update="delta", gqa="tile", rope="absolute", first="zero"),
+    dict(update="linear", gqa="tile", rope="segment", first="eps"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c.values()))
+def test_layer_matches_numpy_reference(case):
+    args = llama.ModelArgs(
+        model_type="llama",
+        hidden_size=DIM,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        num_attention_heads=H,
+        num_key_value_heads=HKV,
+        head_dim=D,
+        rms_norm_eps=1e-5,
+        vocab_size=10,
+    )
+    mx.random.seed(1)
+    base = llama.Attention(args)
+    cfg = InfiniConfig(
+        segment_len=N,
+        update=case["update"],
+        gqa_memory=case["gqa"],
+        rope_mode=case["rope"],
+        first_segment=case["first"],
+    )
+    layer = InfiniAttention(base, cfg)
+    layer.gate = mx.random.normal((H,))
+    x = mx.random.normal((B, L, DIM))
+
+    cache = InfiniCache(N)
+    y = layer(x, cache=cache)
+    mx.eval(y, cache.state)
+
+    w = {k: np.array(v, dtype=np.float64) for k, v in
+         [("q", base.q_proj.weight), ("k", base.k_proj.weight),
+          ("v", base.v_proj.weight), ("o", base.o_proj.weight)]}
+    y_ref, M_ref, z_ref = np_infini(
+        np.array(x, dtype=np.float64), w["q"], w["k"], w["v"], w["o"],
+        np.array(layer.gate, dtype=np.float64), case,
+    )
+    assert np.abs(np.array(y) - y_ref).max() <= 1e-4
+    # The pending partial segment is not folded: M, z hold the 3 full segments.
+    assert np.abs(np.array(cache.M) - M_ref).max() <= 1e-4 * max(1, np.abs(M_ref).max())
+    assert np.abs(np.array(cache.z) - z_ref).max() <= 1e-4 * max(1, np.abs(z_ref).max())
+    assert cache.offset == L and cache.segment_pos == L % N
+
+
+def test_memory_is_float32_in_half_precision():
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=DIM, num_hidden_layers=1, intermediate_size=64,
+        num_attention_heads=H, num_key_value_heads=HKV, rms_norm_eps=1e-5, vocab_size=10,
+    )
+    base = llama.Attention(args)
+    base.set_dtype(mx.bfloat16)
+    layer = InfiniAttention(base, InfiniConfig(segment_len=N))
+    cache = InfiniCache(N)
+    y = layer(mx.random.normal((1, 2 * N + 3, DIM)).astype(mx.bfloat16), cache=cache)
+    assert y.dtype == mx.bfloat16
+    assert cache.M.dtype == mx.float32 and cache.z.dtype == mx.float32
+    assert cache.dM.dtype == mx.float32
