@@ -1,0 +1,53 @@
+"""Every supported mlx-lm family: upcycled with local gates it is the base model."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from tiny import CONFIGS, VOCAB, make_base
+
+from infini_mlx import InfiniAttention, InfiniConfig, upcycle
+
+L = 20  # longer than the sliding windows of llama_swa and gemma3_text (8)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_local_gates_reproduce_base_model(family):
+    base, config = make_base(family)
+    tokens = mx.random.randint(0, VOCAB, (2, L), key=mx.random.key(1))
+    expected = base(tokens)
+    mx.eval(expected)
+
+    model = upcycle(base, config["model_type"], InfiniConfig(segment_len=L, gate_init=-40.0))
+    assert all(isinstance(l.self_attn, InfiniAttention) for l in model.layers)
+    assert mx.allclose(model(tokens), expected, atol=1e-4, rtol=0)
+    # The same through the cache, in uneven chunks.
+    cache = model.make_cache()
+    out = mx.concatenate([model(tokens[:, a:b], cache=cache) for a, b in [(0, 7), (7, 8), (8, L)]], 1)
+    assert mx.allclose(out, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_memory_streaming_per_family(family):
+    base, config = make_base(family)
+    model = upcycle(base, config["model_type"], InfiniConfig(segment_len=6))
+    tokens = mx.random.randint(0, VOCAB, (1, L), key=mx.random.key(2))
+    full = model(tokens)
+    cache = model.make_cache()
+    steps = mx.concatenate([model(tokens[:, i : i + 1], cache=cache) for i in range(L)], 1)
+    assert mx.allclose(full, steps, atol=1e-4, rtol=0)
+
+
+def test_quantized_model_is_upcycled_with_its_quantized_projections():
+    base, config = make_base("llama")
+    nn.quantize(base, group_size=32, bits=8)
+    tokens = mx.random.randint(0, VOCAB, (1, L), key=mx.random.key(5))
+    expected = base(tokens)
+    model = upcycle(base, "llama", InfiniConfig(segment_len=L, gate_init=-40.0))
+    assert isinstance(model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    assert mx.allclose(model(tokens), expected, atol=1e-4, rtol=0)
+
+
+def test_unsupported_family_is_refused():
+    base, _ = make_base("llama")
+    with pytest.raises(ValueError, match="not supported"):
+        upcycle(base, "mamba", InfiniConfig())
