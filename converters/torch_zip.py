@@ -241,7 +241,7 @@ class TorchZip:
         a = np.lib.stride_tricks.as_strided(
             flat, t.shape, tuple(s * n for s in t.stride), writeable=False
         )
-        return np.ascontiguousarray(a).astype(_UINT[n], copy=False)
+        return a.astype(_UINT[n], order="C")  # a copy: native order, contiguous, 0-d kept
 
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
         # The local header's name/extra lengths can differ from the central directory's.
