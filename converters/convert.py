@@ -241,8 +241,11 @@ def _save_shards(params: Dict[str, mx.array], out: Path, n_params: int) -> List[
         shard, shards[i] = shards[i], None
         name = fmt.format(i + 1, len(shards))
         weight_map.update({k: name for k in shard})
-        items = [(k, safetensors_io.mlx_item(shard.pop(k))) for k in list(shard)]
-        safetensors_io.write(out / name, items, metadata={"format": "mlx"})
+        # No name may hold this list: write() releases each tensor once written.
+        safetensors_io.write(
+            out / name, [(k, safetensors_io.mlx_item(shard.pop(k))) for k in list(shard)],
+            metadata={"format": "mlx"},
+        )
         names.append(name)
     index = {
         "metadata": {"total_size": total, "total_parameters": n_params},

@@ -3,7 +3,7 @@
 import json
 import struct
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -75,14 +75,13 @@ def mlx_item(a: mx.array) -> Item:
     return _CODES[a.dtype], tuple(a.shape), data
 
 
-def write(path: Path, items: Iterable[Tuple[str, Item]], metadata: Optional[Dict[str, str]] = None):
+def write(path: Path, items: List[Tuple[str, Item]], metadata: Optional[Dict[str, str]] = None):
     """Write a safetensors file, producing and dropping one tensor at a time.
 
     The header needs only shapes and dtypes, so it is written first; each
-    tensor's bytes are then made, written and released before the next
-    (the caller must hold no other reference to them).
+    tensor's bytes are then made, written and released before the next. The
+    list is emptied as it goes: the caller must keep no other reference to it.
     """
-    items = list(items)
     header, offset = {}, 0
     for name, (dtype, shape, _) in items:
         n = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[dtype]
