@@ -79,9 +79,9 @@ def measure(src: Path, quantize: bool):
     r = json.loads(out)
     files = [p for p in src.iterdir() if p.suffix in (".bin", ".safetensors")]
     mib = 2**20
-    print(f"| {src.name}{' -q' if quantize else ''} | {len(files)} | {sum(p.stat().st_size for p in files) / mib:.0f} "
-          f"| {max(p.stat().st_size for p in files) / mib:.0f} | {(r['peak'] - r['base']) / mib:.0f} "
-          f"| {r['mlx'] / mib:.0f} | {r['base'] / mib:.0f} |")
+    print(f"| {src.name}{' -q' if quantize else ''} | {len(files)} | {sum(p.stat().st_size for p in files) / mib:.1f} "
+          f"| {max(p.stat().st_size for p in files) / mib:.1f} | {(r['peak'] - r['base']) / mib:.1f} "
+          f"| {r['mlx'] / mib:.1f} | {r['base'] / mib:.0f} |")
     subprocess.run(["rm", "-rf", str(dst)], check=True)
 
 

@@ -71,7 +71,10 @@ def convert(
     except ConversionError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
-    except OSError as e:  # disk full, permissions: one line, no traceback
+    except OSError as e:  # disk full, permissions
         typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    except Exception as e:  # a bug: still one line; infini_mlx.converters.convert() shows the traceback
+        typer.echo(f"error: unexpected {type(e).__name__}: {e}".splitlines()[0], err=True)
         raise typer.Exit(1)
     typer.echo(str(summary))

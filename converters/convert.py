@@ -150,6 +150,12 @@ def _build(plan: Plan):
         model = model_class(args_class.from_dict(plan.config))
     except (ValueError, KeyError, TypeError) as e:
         raise ConversionError(f"config.json does not describe a {plan.config.get('model_type')} model: {e}") from None
+    # RoPE frequencies are recomputed, never loaded (old .bin files carry them).
+    derived = [k for k in plan.weights if k.endswith("rotary_emb.inv_freq")]
+    for k in derived:
+        del plan.weights[k]
+    if derived:
+        plan.dropped.append(f"{len(derived)} precomputed rotary_emb.inv_freq buffers")
     before = set(plan.weights)
     weights = model.sanitize(plan.weights) if hasattr(model, "sanitize") else plan.weights
     gone, new = before - set(weights), set(weights) - before
@@ -158,6 +164,9 @@ def _build(plan: Plan):
     elif gone:
         plan.mapped.append(f"{len(gone)} tensors -> {len(new)} by mlx-lm's sanitize, e.g. {min(new)}")
     ours = dict(tree_flatten(model.parameters()))
+    if "lm_head.weight" in weights and "lm_head.weight" not in ours and "model.embed_tokens.weight" in ours:
+        del weights["lm_head.weight"]  # a tied copy of the embeddings
+        plan.dropped.append("lm_head.weight (tied to the embeddings)")
     missing, extra = sorted(set(ours) - set(weights)), sorted(set(weights) - set(ours))
     if missing:
         raise ConversionError(f"missing tensor {missing[0]} ({len(missing)} missing in all)")

@@ -16,8 +16,8 @@ def reference(name: str):
     return mx.array(r["tokens"]), r["logits"], int(r["segment_len"])
 
 
-def logits(path, **infini):
-    """Logits of a converted model over a reference input, computed in float32."""
+def load_f32(path, **infini):
+    """A converted model, computing in float32, with optional semantic overrides."""
     model, _ = infini_mlx.load(path, infini=infini or None)
     model.set_dtype(mx.float32)
     return model

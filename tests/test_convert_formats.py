@@ -5,7 +5,7 @@ import json
 
 import mlx.core as mx
 import pytest
-from convert_helpers import FIXTURES, logits, max_diff, reference
+from convert_helpers import FIXTURES, load_f32, max_diff, reference
 
 from infini_mlx.converters import convert, detect
 
@@ -57,8 +57,8 @@ def test_converted_model_reproduces_pytorch_logits(name, converted):
     assert summary.fmt == fmt
     recorded = json.loads((path / "config.json").read_text())["infini"]
     assert {k: recorded[k] for k in semantics} == semantics
-    tokens, expected, N = reference(ref)
-    model = logits(path)
+    tokens, expected, _ = reference(ref)
+    model = load_f32(path)
     if fmt == "hf":  # fully local gates: the base model (the input fits in one segment)
         for layer in model.layers:
             layer.self_attn.gate = mx.full(layer.self_attn.gate.shape, -40.0)
@@ -71,7 +71,7 @@ def test_each_recorded_semantic_matters(name, converted):
     ref, _, _, _, flips = CASES[name]
     tokens, expected, _ = reference(ref)
     for key, wrong in flips.items():
-        model = logits(converted[name][1], **{key: wrong})
+        model = load_f32(converted[name][1], **{key: wrong})
         assert max_diff(model, tokens, expected) > 1e-2, key
 
 
