@@ -119,6 +119,11 @@ def convert(
         raise ConversionError(f"{dst} exists (use --force to replace it)")
     if dst.resolve() == src.resolve():
         raise ConversionError("SRC and DST are the same directory")
+    if quantize and (q_bits not in (2, 3, 4, 5, 6, 8) or q_group_size not in (32, 64, 128)):
+        raise ConversionError(
+            f"cannot quantize to {q_bits} bits in groups of {q_group_size} "
+            "(bits: 2, 3, 4, 5, 6 or 8; group size: 32, 64 or 128)"
+        )
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     fmt = ALIASES.get(fmt, fmt) if fmt else detect(src)

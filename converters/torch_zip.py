@@ -212,7 +212,15 @@ class TorchZip:
             raise ConversionError(f"{self.path}: storage {key} is missing (truncated file?)") from None
 
     def _check(self, t: TensorRef):
-        if len(t.shape) != len(t.stride) or any(d < 0 for d in t.shape) or t.offset < 0:
+        ints = all(type(x) is int for x in (*t.shape, *t.stride, t.offset))
+        if (
+            not ints
+            or (t.storage.dtype, t.storage.itemsize) not in STORAGE_DTYPES.values()
+            or len(t.shape) != len(t.stride)
+            or any(d < 0 for d in t.shape)
+            or any(s < 0 for s in t.stride)
+            or t.offset < 0
+        ):
             raise ConversionError(f"{self.path}: malformed tensor record")
         span = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride)) + 1
         if 0 not in t.shape and span * t.storage.itemsize > self._record(t.storage.key).file_size:

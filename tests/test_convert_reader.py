@@ -1,6 +1,9 @@
 """The torch-free reader: exact tensors, and pickles that would run code are refused."""
 
+import importlib.util
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import mlx.core as mx
@@ -85,3 +88,20 @@ def test_legacy_raw_pickle_is_refused_unread(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match="legacy"):
         convert(src, tmp_path / "dst")
     assert not (tmp_path / "pwned_raw").exists()
+
+
+def test_conversion_never_imports_torch(tmp_path):
+    """Even where torch is installed: importing it would fail in this process."""
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['safetensors.torch'] = None\n"
+        "from infini_mlx.converters import convert\n"
+        f"convert({str(FIXTURES / 'jlamprou_qwen2_moe')!r}, {str(tmp_path / 'out')!r}, infini={{'segment_len': 8}})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert (tmp_path / "out" / "infini.safetensors").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed here")
+def test_fixture_generator_says_it_needs_torch():
+    r = subprocess.run([sys.executable, str(FIXTURES / "make_fixtures.py")], capture_output=True, text=True)
+    assert r.returncode != 0 and "needs torch" in r.stderr
