@@ -43,7 +43,7 @@ class Plan:
 
     fmt: str
     config: dict
-    infini: Dict
+    infini: Dict[str, object]  # InfiniConfig fields
     weights: Dict[str, mx.array]
     gates: Optional[List[mx.array]]
     found: str
