@@ -33,8 +33,10 @@ def prefill(
     logits, buf, fed = None, [], 0
 
     def run(block):
-        out = model(mx.array(block)[None], cache=cache)[0, -1]
-        mx.eval(out, [c.state for c in cache])
+        # Only the state is evaluated: the logits (the whole vocabulary at
+        # every position) are computed lazily, for the last block alone.
+        out = model(mx.array(block)[None], cache=cache)
+        mx.eval([c.state for c in cache])
         return out
 
     for t in tokens:
@@ -50,4 +52,4 @@ def prefill(
         fed += len(buf)
         if progress:
             progress(fed)
-    return logits
+    return None if logits is None else logits[0, -1]
