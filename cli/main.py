@@ -32,9 +32,6 @@ class _Group(TyperGroup):
     ``INFINI_DEBUG=1`` lets the traceback through instead.
     """
 
-    def list_commands(self, ctx):
-        return list(self.commands)  # in the order they were added, not sorted
-
     def invoke(self, ctx):
         with warnings.catch_warnings():
             warnings.showwarning = _echo_warning
@@ -70,6 +67,11 @@ app = typer.Typer(
     help=(
         "Read book-length text into a fixed-size Infini-attention memory, "
         "then query or summarize it. Memory use does not grow with the text's length."
+    ),
+    epilog=(
+        "Example: infini read book.txt -o book.state; "
+        'infini query book.state "Who tells the story?"; '
+        "infini summarize book.state. Set INFINI_DEBUG=1 to see tracebacks."
     ),
     no_args_is_help=True,
     add_completion=False,
