@@ -70,6 +70,7 @@ if __name__ == "__main__":
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--segment-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    make(a.path, hidden=a.hidden, layers=a.layers, vocab_size=a.vocab_size, segment_len=a.segment_len)
+    make(a.path, a.hidden, a.layers, vocab_size=a.vocab_size, segment_len=a.segment_len, seed=a.seed)
     print(f"wrote {a.path}")

@@ -40,9 +40,12 @@ def model_info(path: Path) -> Dict[str, Any]:
         chat = chat or bool(json.loads(tok_cfg.read_text()).get("chat_template"))
     infini = cfg.get("infini")
     seg = InfiniConfig.from_dict(infini).segment_len
-    memory = None
+    memory = segment = None
     if layers and kv_heads and head_dim:
         memory = layers * kv_heads * head_dim * (head_dim + 1) * 4  # M and z, float32
+        # The current segment: its keys and values, and its pending dM, dz.
+        width = 4 if dtypes <= {"F32"} else 2
+        segment = layers * kv_heads * seg * head_dim * 2 * width + memory
     return {
         "kind": "model",
         "path": str(path),
@@ -63,6 +66,7 @@ def model_info(path: Path) -> Dict[str, Any]:
         "gates": (path / "infini.safetensors").exists(),
         "segment_len": seg,
         "memory_bytes": memory,
+        "segment_bytes": segment,
     }
 
 
@@ -83,7 +87,8 @@ def state_info(path: Path) -> Dict[str, Any]:
         "layers": int(meta.get("num_layers", 0)),
         "segment_len": infini.get("segment_len"),
         "infini": infini,
-        "memory_bytes": sum(a.nbytes for a in arrays.values()),
+        "memory_bytes": sum(a.nbytes for k, a in arrays.items() if k.endswith((".M", ".z"))),
+        "state_bytes": sum(a.nbytes for a in arrays.values()),
         "file_bytes": path.stat().st_size,
     }
 
@@ -100,15 +105,17 @@ def _mb(n) -> str:
 def format_info(d: Dict[str, Any]) -> str:
     """The human-readable lines of ``model_info`` or ``state_info``."""
     if d["kind"] == "state":
-        what = "all of" if d["complete"] else "part of (an interrupted reading; finish with --resume)"
+        what = f"all of {d['source']}" if d["complete"] else (
+            f"part of {d['source']} (interrupted; finish it with `infini read --resume`)")
         rows = [
             ("state", d["path"]),
-            ("read", f"{d['tokens_read']:,} tokens, {what} {d['source']}"),
+            ("read", f"{d['tokens_read']:,} tokens: {what}"),
             ("model", d["model"] or "the embedded default model"),
             ("fingerprint", d["model_fingerprint"]),
             ("prompts", d["prompt_format"]),
-            ("memory", f"{_mb(d['memory_bytes'])} in {d['layers']} layers "
-                       f"(file {_mb(d['file_bytes'])}), whatever the length read"),
+            ("memory", f"{_mb(d['memory_bytes'])} compressive memory in {d['layers']} layers, "
+                       f"{_mb(d['state_bytes'] - d['memory_bytes'])} of the current segment "
+                       f"(file {_mb(d['file_bytes'])})"),
             ("infini", " ".join(f"{k}={v}" for k, v in d["infini"].items() if k != "version")),
         ]
     else:
@@ -125,8 +132,9 @@ def format_info(d: Dict[str, Any]) -> str:
             ("infini", " ".join(f"{k}={v}" for k, v in infini.items() if k != "version")
              if infini else "none: upcycled when loaded (new gates, default semantics)"),
             ("gates", "trained (infini.safetensors)" if d["gates"] else "none: start at gate_init"),
-            ("memory", f"{_mb(d['memory_bytes'])} per reading, whatever its length "
-                       f"(segments of {d['segment_len']:,} tokens)"),
+            ("memory", f"{_mb(d['memory_bytes'])} compressive memory + at most "
+                       f"{_mb(d['segment_bytes'])} for the current segment of "
+                       f"{d['segment_len']:,} tokens, whatever the length read"),
         ]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

@@ -98,6 +98,7 @@ SegmentLen = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-m", min=1, help="Most tokens to generate.")]
 Temp = Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 is greedy.")]
 TopP = Annotated[float, typer.Option("--top-p", help="Sampling top-p (1 keeps every token).")]
 MinP = Annotated[float, typer.Option("--min-p", help="Sampling min-p (0 keeps every token).")]
@@ -260,9 +261,7 @@ def read(
 def query(
     source: Source,
     question: Annotated[str, typer.Argument(help="The question to answer.", show_default=False)],
-    max_tokens: Annotated[
-        int, typer.Option("--max-tokens", "-m", min=1, help="Most tokens to generate.")
-    ] = 256,
+    max_tokens: MaxTokens = 256,
     temp: Temp = 0.0,
     top_p: TopP = 1.0,
     min_p: MinP = 0.0,
@@ -290,9 +289,7 @@ def query(
 @app.command()
 def summarize(
     source: Source,
-    max_tokens: Annotated[
-        int, typer.Option("--max-tokens", "-m", min=1, help="Most tokens to generate.")
-    ] = 512,
+    max_tokens: MaxTokens = 512,
     temp: Temp = 0.0,
     top_p: TopP = 1.0,
     min_p: MinP = 0.0,

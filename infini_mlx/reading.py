@@ -8,6 +8,7 @@ from typing import BinaryIO, Iterator, List, Sequence, Tuple, Union
 
 CHUNK = 1 << 16  # bytes per piece: memory stays bounded by this, not the file
 SNIFF = 8192  # bytes checked for NUL at the start, as git and grep do
+HASHED = 1 << 16  # bytes a file's fingerprint covers, with its size
 
 
 class InputError(ValueError):
@@ -37,7 +38,7 @@ def check_text_file(path: Union[str, Path]) -> int:
 def fingerprint(path: Union[str, Path]) -> str:
     """A hash of a file's size and first piece: enough to tell a file from another."""
     with open(path, "rb") as f:
-        head = f.read(CHUNK)
+        head = f.read(HASHED)
     return hashlib.sha256(f"{Path(path).stat().st_size}:".encode() + head).hexdigest()[:32]
 
 
@@ -95,18 +96,22 @@ def decode(data: bytes, offset: int, name: str, warned: List[bool]) -> str:
 
 
 def pieces(
-    tokenizer, source: Union[Path, str], start: int = 0, head: Sequence[int] = ()
+    tokenizer,
+    source: Union[Path, str],
+    start: int = 0,
+    head: Sequence[int] = (),
+    size: int = 0,
 ) -> Iterator[Tuple[int, List[int]]]:
     """Yield ``(offset, token ids)`` for each piece of a file (a Path) or a text (a str).
 
     ``head`` (e.g. a BOS token or a chat template's opening) goes before the
-    piece at offset 0.
+    piece at offset 0; ``size`` is the piece size (default ``CHUNK``).
     """
     is_file = isinstance(source, Path)
     name = str(source) if is_file else "the text"
     warned = [False]
     f = open(source, "rb") if is_file else io.BytesIO(source.encode("utf-8"))
     with f:
-        for off, data in chunks(f, start):
+        for off, data in chunks(f, start, size):
             ids = tokenizer.encode(decode(data, off, name, warned), add_special_tokens=False)
             yield off, (list(head) + ids if off == 0 else ids)

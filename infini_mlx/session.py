@@ -10,7 +10,8 @@ from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from .cache import InfiniCache
-from .reading import InputError, check_text_file, fingerprint, pieces
+from . import reading
+from .reading import InputError, check_text_file, fingerprint
 from .state import StateFileError, load_state, model_fingerprint, read_state, save_state
 from .streaming import prefill
 from .utils import ModelNotFoundError, load
@@ -19,7 +20,7 @@ from .utils import ModelNotFoundError, load
 _MARK = "\u2063INFINI_TEXT\u2063"
 # The metadata a session keeps in its state files besides the core's own.
 _KEYS = ("model", "prompt_format", "source", "source_size", "source_sha",
-         "source_pos", "source_skip", "head", "complete")
+         "source_chunk", "source_pos", "source_skip", "head", "complete")
 
 Progress = Callable[[int, int, int], None]
 
@@ -187,17 +188,18 @@ class InfiniSession:
         m = self.meta
         if m.get("complete") == "0" and m.get("source_sha") == sha and sha:
             start, skip = int(m["source_pos"]), int(m["source_skip"])
-            head = json.loads(m["head"])
+            head, chunk = json.loads(m["head"]), int(m["source_chunk"])
         else:
-            start, skip = 0, 0
+            start, skip, chunk = 0, 0, reading.CHUNK
             head = self._head() if self.tokens_read == 0 else []
         m.update(source=name, source_size=str(size), source_sha=sha, head=json.dumps(head))
+        m.update(source_chunk=str(chunk))
         m.update(complete="0", source_pos=str(start), source_skip=str(skip))
 
         seg = self.model.infini_config.segment_len
         need = seg - self.cache[0].segment_pos
         buf, fed, segments = [], 0, 0
-        for off, ids in pieces(self.tokenizer, path or source, start, head):
+        for off, ids in reading.pieces(self.tokenizer, path or source, start, head, chunk):
             i = skip if off == start else 0
             while i < len(ids):
                 n = min(need - len(buf), len(ids) - i)

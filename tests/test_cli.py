@@ -117,20 +117,25 @@ def test_info_on_a_model_and_a_state(tiny, shelf):
     model, _ = infini_mlx.load(tiny)
     cache = reference_cache(model, list(range(2, 2 + 8)))  # one folded segment: only M, z left
     memory = sum(a.nbytes for c in cache for a in c.state if a is not None)
+    cache = reference_cache(model, list(range(2, 2 + 15)))  # the largest pending segment
+    segment = sum(a.nbytes for c in cache for a in c.state if a is not None) - memory
 
     r = cli("info", tiny, "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert d["memory_bytes"] == memory and d["layers"] == 2 and d["segment_len"] == 8
+    assert d["memory_bytes"] == memory and d["segment_bytes"] == segment
+    assert d["layers"] == 2 and d["segment_len"] == 8
     base = [v.size for k, v in tree_flatten(model.parameters()) if not k.endswith(".gate")]
     assert d["stored_parameters"] == sum(base) and not d["gates"]
 
     r = cli("info", shelf / "book.state", "--json")
     d = json.loads(r.stdout)
     assert d["tokens_read"] == WORDS and d["complete"] and d["model"] == str(tiny.resolve())
-    assert d["memory_bytes"] == sum(a.nbytes for a in read_state(shelf / "book.state")[0].values())
+    arrays = read_state(shelf / "book.state")[0]
+    assert d["state_bytes"] == sum(a.nbytes for a in arrays.values())
+    assert d["memory_bytes"] == memory and WORDS % 8 == 0  # a whole number of segments
     human = cli("info", shelf / "book.state").stdout
-    assert f"{WORDS} tokens, all of" in human and "segment_len=8" in human
+    assert f"{WORDS} tokens: all of" in human and "segment_len=8" in human
 
 
 def test_progress_bar_only_on_a_terminal():
