@@ -185,7 +185,7 @@ class InfiniSession:
             if not source.strip():
                 raise InputError("the text is empty: there is nothing to read")
             size, sha, name = len(source.encode("utf-8")), "", "<text>"
-        m = self.meta
+        m, before = self.meta, dict(self.meta)
         if m.get("complete") == "0" and m.get("source_sha") == sha and sha:
             start, skip = int(m["source_pos"]), int(m["source_skip"])
             head, chunk = json.loads(m["head"]), int(m["source_chunk"])
@@ -220,6 +220,7 @@ class InfiniSession:
             prefill(self.model, buf, self.cache)
             fed += len(buf)
         if fed == 0 and start == 0 and skip == 0:
+            self.meta = before
             raise InputError(f"{path or 'the text'} holds no text to read")
         m.update(complete="1", source_pos=str(size), source_skip="0")
         if checkpoint is not None:

@@ -129,6 +129,7 @@ def test_bad_text_is_refused_or_decoded_with_a_warning(tiny, tmp_path):
     session = InfiniSession.load(tiny)
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "bin.dat").write_bytes(b"t5 t6\x00\x01\x02")
+    (tmp_path / "blank.txt").write_text("  \n\n \n")
     for bad, match in [
         (tmp_path / "missing.txt", "no such file"),
         ("missing.txt", "no such file"),  # a str without whitespace is a path
@@ -136,10 +137,11 @@ def test_bad_text_is_refused_or_decoded_with_a_warning(tiny, tmp_path):
         (tmp_path / "empty.txt", "empty"),
         (tmp_path / "bin.dat", "binary"),
         ("   \n ", "empty"),
+        (tmp_path / "blank.txt", "holds no text"),
     ]:
         with pytest.raises(InputError, match=match):
             session.read(bad)
-    assert session.tokens_read == 0
+    assert session.tokens_read == 0 and "source" not in session.meta
     (tmp_path / "latin1.txt").write_bytes("t5 caf\u00e9 t6\n".encode("latin-1"))
     with pytest.warns(UnicodeWarning, match="not valid UTF-8"):
         assert session.read(tmp_path / "latin1.txt") == 3
