@@ -253,7 +253,7 @@ def read(
         typer.echo(
             f"read {session.tokens_read:,} tokens of {file} into {output}{resumed} "
             f"({seconds:.1f} s, {fed / seconds:,.0f} tokens/s, "
-            f"{rss_bytes() / 2**20:,.0f} MB in use)"
+            f"{rss_bytes() / 2**20:,.0f} MiB in use)"
         )
 
 

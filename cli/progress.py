@@ -44,7 +44,7 @@ class ReadProgress:
         bar = "#" * int(20 * frac)
         self.stream.write(
             f"\r{self.name} [{bar:<20}] {frac:4.0%}  {tokens:,} tokens  "
-            f"{rate:,.0f} tokens/s  {rss_bytes() / 2**20:,.0f} MB in use "
+            f"{rate:,.0f} tokens/s  {rss_bytes() / 2**20:,.0f} MiB in use "
         )
         self.stream.flush()
         self.shown = True

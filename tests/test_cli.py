@@ -144,7 +144,7 @@ def test_progress_bar_only_on_a_terminal():
     bar(100, 50, 100)
     bar(200, 100, 100)
     bar.close()
-    assert "book.txt" in out.getvalue() and "tokens/s" in out.getvalue() and "MB in use" in out.getvalue()
+    assert "book.txt" in out.getvalue() and "tokens/s" in out.getvalue() and "MiB in use" in out.getvalue()
     quiet = io.StringIO()  # not a terminal
     bar = ReadProgress("book.txt", stream=quiet)
     bar(100, 100, 100)
