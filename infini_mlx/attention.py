@@ -9,6 +9,14 @@ from .cache import InfiniCache
 from .config import InfiniConfig
 from .memory import group_heads, memory_delta, retrieve, sigma, ungroup_heads
 
+# InfiniConfig.gate_act: beta -> the weight of the gated side.
+GATE_ACTS = {
+    "sigmoid": mx.sigmoid,
+    "tanh": mx.tanh,
+    "hard_sigmoid": lambda b: mx.clip(0.2 * b + 0.5, 0.0, 1.0),
+    "tanh_abs": lambda b: mx.abs(mx.tanh(b)),
+}
+
 
 class InfiniAttention(nn.Module):
     """Infini-attention (Eqs. 7-10) built around an mlx-lm attention module.
@@ -106,7 +114,7 @@ class InfiniAttention(nn.Module):
         )
         cache.fold_if_full()
 
-        g = mx.sigmoid(self.gate.astype(mx.float32))[:, None, None]
+        g = GATE_ACTS[cfg.gate_act](self.gate.astype(mx.float32))[:, None, None]
         if cfg.gate_weights == "local":
             g = 1 - g
         out = g * mem + (1 - g) * local.astype(mx.float32)

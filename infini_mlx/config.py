@@ -11,6 +11,7 @@ _CHOICES = {
     "rope_mode": ("segment", "absolute"),
     "gqa_memory": ("interleave", "tile"),
     "gate_weights": ("memory", "local"),
+    "gate_act": ("sigmoid", "tanh", "hard_sigmoid", "tanh_abs"),
 }
 
 
@@ -38,6 +39,9 @@ class InfiniConfig:
             or ``"tile"`` (h % n_kv_heads, as Beomi's Llama did).
         gate_weights: Which output sigmoid(beta) weights: ``"memory"`` (Eq. 10)
             or ``"local"`` (lucidrains' convention).
+        gate_act: The function that turns beta into that weight: ``"sigmoid"``
+            (Eq. 10), or nanotron's ``"tanh"``, ``"hard_sigmoid"``
+            (clip(0.2 beta + 0.5, 0, 1)) or ``"tanh_abs"`` (|tanh beta|).
     """
 
     segment_len: int = 2048
@@ -49,6 +53,7 @@ class InfiniConfig:
     memory_rope: bool = False
     gqa_memory: str = "interleave"
     gate_weights: str = "memory"
+    gate_act: str = "sigmoid"
 
     def __post_init__(self):
         if int(self.segment_len) < 1:

@@ -19,6 +19,7 @@ SUPPORTED_MODEL_TYPES = (
     "gemma3",
     "gemma3_text",
     "phi3",
+    "qwen2_moe",
 )
 
 

@@ -56,6 +56,15 @@ CONFIGS = {
         **_COMMON,
     ),
     "phi3": dict(model_type="phi3", partial_rotary_factor=0.5, **_COMMON),
+    # Qwen1.5-MoE (jlamprou's Infini checkpoints): q/k/v biases, routed + shared experts.
+    "qwen2_moe": dict(
+        model_type="qwen2_moe",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        **_COMMON,
+    ),
 }
 
 

@@ -1,0 +1,117 @@
+"""The weight files of a Hugging Face-style checkpoint directory, sharded or not."""
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+from . import safetensors_io
+from .errors import ConversionError
+from .torch_zip import TorchZip
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+# Pickles a trainer leaves beside the weights: never weights, often arbitrary objects.
+NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
+
+
+def _weight_files(src: Path) -> Tuple[List[Path], Optional[Path]]:
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (src / index).exists():
+            return _from_index(src / index), src / index
+    indexes = sorted(src.glob("*.index.json"))
+    if len(indexes) == 1:
+        return _from_index(indexes[0]), indexes[0]
+    sft = sorted(p for p in src.glob("*.safetensors") if p.name != "infini.safetensors")
+    if sft:
+        return sft, None
+    pt = sorted(src.glob("pytorch_model*.bin")) or sorted(
+        p for p in src.iterdir()
+        if p.suffix in TORCH_SUFFIXES and p.name not in NOT_WEIGHTS and not p.name.startswith("rng_state")
+    )
+    return pt, None
+
+
+def _from_index(index: Path) -> List[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        raise ConversionError(f"{index}: not a valid shard index (no weight_map)") from None
+    files = sorted(set(weight_map.values()))
+    for f in files:
+        if not (index.parent / f).is_file():
+            raise ConversionError(f"missing shard {f} (listed in {index.name})")
+    return [index.parent / f for f in files]
+
+
+class Checkpoint:
+    """The tensors of a checkpoint directory: safetensors or torch zip files, via an index or not.
+
+    Args:
+        src: The directory.
+
+    Raises:
+        ConversionError: for no weight files, a missing shard, a tensor the
+            index lists but its shard lacks, or any unreadable file.
+    """
+
+    def __init__(self, src: Path):
+        self.src = src
+        self.files, self.index = _weight_files(src)
+        if not self.files:
+            raise ConversionError(f"{src}: no weight files (*.safetensors, *.bin, *.pt, *.pth)")
+        self.torch = self.files[0].suffix in TORCH_SUFFIXES
+        if any((f.suffix in TORCH_SUFFIXES) != self.torch for f in self.files):
+            raise ConversionError(f"{src}: mixes safetensors and torch files")
+        self._zips: Dict[Path, TorchZip] = {}
+        self.shapes: Dict[str, Tuple[int, ...]] = {}
+        self.where: Dict[str, Path] = {}
+        for f in self.files:
+            for name, shape in self._shapes(f).items():
+                if name in self.where:
+                    raise ConversionError(f"{name} is in both {self.where[name].name} and {f.name}")
+                self.shapes[name], self.where[name] = shape, f
+        if self.index is not None:
+            for name, f in json.loads(self.index.read_text())["weight_map"].items():
+                if self.where.get(name) != src / f:
+                    raise ConversionError(f"{name} is listed in {self.index.name} but not in {f}")
+
+    def _shapes(self, f: Path) -> Dict[str, Tuple[int, ...]]:
+        if not self.torch:
+            header, _ = safetensors_io.read_header(f)
+            return {k: tuple(v["shape"]) for k, v in header.items()}
+        self._zips[f] = TorchZip(f)
+        return {k: t.shape for k, t in self._zips[f].tensors.items()}
+
+    @property
+    def kind(self) -> str:
+        return "torch zip" if self.torch else "safetensors"
+
+    @property
+    def largest_file(self) -> int:
+        return max(f.stat().st_size for f in self.files)
+
+    def load(self, stage: Path) -> Dict[str, mx.array]:
+        """Every tensor as a lazy MLX array.
+
+        Torch files are first rewritten as safetensors under ``stage``, one
+        tensor in memory at a time, so that MLX can then load them lazily.
+        """
+        weights = {}
+        for f in self.files:
+            if self.torch:
+                stage.mkdir(parents=True, exist_ok=True)
+                f = _transcode(self._zips.pop(f), stage / f"{f.stem}.safetensors")
+            weights.update(safetensors_io.load(f)[0])
+        return weights
+
+
+def _transcode(z: TorchZip, out: Path) -> Path:
+    def item(t):
+        if t.dtype == "F64":  # MLX computes in float32 at most
+            return "F32", t.shape, lambda: t.raw().view(np.float64).astype(np.float32)
+        return t.dtype, t.shape, t.raw
+
+    safetensors_io.write(out, [(k, item(t)) for k, t in z.tensors.items()])
+    return out

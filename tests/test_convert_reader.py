@@ -1,0 +1,107 @@
+"""The torch-free reader: exact tensors, and pickles that would run code are refused."""
+
+import importlib.util
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from convert_helpers import FIXTURES
+
+from infini_mlx.converters import ConversionError, TorchZip, convert
+
+READER = FIXTURES / "reader"
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "checkpoint_big_endian.pt"])
+def test_tensors_match_what_torch_saved(name):
+    z = TorchZip(READER / name)
+    expected = np.load(READER / "expected.npz")
+    assert set(z.tensors) == set(expected.files)  # {"state_dict": ...} unwrapped, "step" ignored
+    dtypes = {"f16": mx.float16, "bf16": mx.bfloat16, "int64": mx.int64, "bool": mx.bool_}
+    for k in expected.files:
+        a = z.tensors[k].to_mlx()
+        assert a.shape == expected[k].shape, k
+        assert a.dtype == dtypes.get(k, mx.float32), k
+        assert np.array_equal(np.array(a.astype(mx.float32)), expected[k].astype(np.float32)), k
+
+
+def _torch_zip(path, payload: bytes):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", payload)
+        z.writestr("archive/version", "3\n")
+
+
+def _call(module: str, name: str, *args) -> bytes:
+    """A protocol-2 pickle that calls module.name(*args) when loaded the usual way."""
+    return b"\x80\x02c" + f"{module}\n{name}\n".encode() + pickle.dumps(args, 2)[2:-1] + b"R."
+
+
+EVIL = {
+    "posix.system": ("posix", "system", "touch pwned_system"),
+    "builtins.open": ("builtins", "open", "pwned_open", "w"),
+    "builtins.eval": ("builtins", "eval", "open('pwned_eval', 'w')"),
+    "builtins.exec": ("builtins", "exec", "open('pwned_exec', 'w')"),
+    "subprocess.Popen": ("subprocess", "Popen", ["touch", "pwned_popen"]),
+    "pathlib.Path": ("pathlib", "Path", "pwned_class"),  # any other class
+}
+
+
+@pytest.mark.parametrize("glob", sorted(EVIL))
+def test_forbidden_globals_are_refused_by_name(glob, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"model_type": "llama"}')
+    _torch_zip(src / "pytorch_model.bin", _call(*EVIL[glob]))
+    with pytest.raises(ConversionError, match=glob.replace(".", r"\.")):
+        convert(src, tmp_path / "dst")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # nothing created, no dst
+
+
+def test_the_payloads_are_live(tmp_path, monkeypatch):
+    """Unpickled the usual way (here, in a scratch directory), they do create files."""
+    monkeypatch.chdir(tmp_path)
+    pickle.loads(_call(*EVIL["builtins.open"])).close()
+    pickle.loads(_call(*EVIL["posix.system"]))
+    assert (tmp_path / "pwned_open").exists() and (tmp_path / "pwned_system").exists()
+
+
+def test_malicious_torch_save_file_is_refused(tmp_path, monkeypatch):
+    """tests/fixtures/malicious was written by torch.save with an os.system payload."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConversionError, match=r"posix\.system"):
+        convert(FIXTURES / "malicious", tmp_path / "dst")
+    assert not (tmp_path / "infini_pwned_by_pickle").exists()
+    assert not (tmp_path / "dst").exists()
+
+
+def test_legacy_raw_pickle_is_refused_unread(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"model_type": "llama"}')
+    (src / "pytorch_model.bin").write_bytes(_call("posix", "system", "touch pwned_raw"))
+    with pytest.raises(ConversionError, match="legacy"):
+        convert(src, tmp_path / "dst")
+    assert not (tmp_path / "pwned_raw").exists()
+
+
+def test_conversion_never_imports_torch(tmp_path):
+    """Even where torch is installed: importing it would fail in this process."""
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['safetensors.torch'] = None\n"
+        "from infini_mlx.converters import convert\n"
+        f"convert({str(FIXTURES / 'jlamprou_qwen2_moe')!r}, {str(tmp_path / 'out')!r}, infini={{'segment_len': 8}})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert (tmp_path / "out" / "infini.safetensors").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed here")
+def test_fixture_generator_says_it_needs_torch():
+    r = subprocess.run([sys.executable, str(FIXTURES / "make_fixtures.py")], capture_output=True, text=True)
+    assert r.returncode != 0 and "needs torch" in r.stderr
