@@ -196,29 +196,30 @@ class InfiniSession:
         m.update(source_chunk=str(chunk))
         m.update(complete="0", source_pos=str(start), source_skip=str(skip))
 
-        seg = self.model.infini_config.segment_len
-        need = seg - self.cache[0].segment_pos
-        buf, fed, segments = [], 0, 0
-        for off, ids in reading.pieces(self.tokenizer, path or source, start, head, chunk):
-            i = skip if off == start else 0
-            while i < len(ids):
-                n = min(need - len(buf), len(ids) - i)
-                buf += ids[i : i + n]
-                i += n
-                if len(buf) < need:
-                    break
-                prefill(self.model, buf, self.cache)
-                fed, buf, need, segments = fed + need, [], seg, segments + 1
-                # Only segment boundaries are recorded, so a resumed reading
-                # feeds the very blocks an uninterrupted one does.
-                m.update(source_pos=str(off), source_skip=str(i))
+        at = [start, skip]  # where the tokens handed to the model so far end
+        segments = 0
+
+        def tokens():
+            for off, ids in reading.pieces(self.tokenizer, path or source, start, head, chunk):
+                for i in range(skip if off == start else 0, len(ids)):
+                    at[:] = off, i + 1
+                    yield ids[i]
+
+        def step(fed):
+            nonlocal segments
+            # Only segment boundaries are recorded, so a resumed reading feeds
+            # the model the very blocks an uninterrupted one does.
+            if self.cache[0].segment_pos == 0:
+                segments += 1
+                m.update(source_pos=str(at[0]), source_skip=str(at[1]))
                 if checkpoint is not None and segments % checkpoint_every == 0:
                     self.save(checkpoint)
-                if progress:
-                    progress(self.tokens_read, off, size)
-        if buf:
-            prefill(self.model, buf, self.cache)
-            fed += len(buf)
+            if progress:
+                progress(self.tokens_read, at[0], size)
+
+        first = self.tokens_read
+        prefill(self.model, tokens(), self.cache, step)
+        fed = self.tokens_read - first
         if fed == 0 and start == 0 and skip == 0:
             self.meta = before
             raise InputError(f"{path or 'the text'} holds no text to read")
