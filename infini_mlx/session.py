@@ -9,8 +9,8 @@ import mlx.nn as nn
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
-from .cache import InfiniCache
 from . import reading
+from .cache import InfiniCache
 from .reading import InputError, check_text_file, fingerprint
 from .state import StateFileError, load_state, model_fingerprint, read_state, save_state
 from .streaming import prefill
