@@ -3,6 +3,8 @@
 from .attention import InfiniAttention
 from .cache import InfiniCache
 from .config import InfiniConfig
+from .reading import InputError
+from .session import InfiniSession
 from .state import StateFileError, load_state, model_fingerprint, save_state
 from .streaming import prefill
 from .upcycle import SUPPORTED_MODEL_TYPES, upcycle
@@ -14,6 +16,8 @@ __all__ = [
     "InfiniAttention",
     "InfiniCache",
     "InfiniConfig",
+    "InfiniSession",
+    "InputError",
     "ModelNotFoundError",
     "StateFileError",
     "SUPPORTED_MODEL_TYPES",

@@ -1,0 +1,348 @@
+"""The `infini` command: read books into a fixed-size memory, then query or summarize them."""
+
+import json
+import os
+import struct
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from infini_mlx import InfiniSession, InputError, ModelNotFoundError, StateFileError
+from infini_mlx.reading import check_text_file, fingerprint
+from infini_mlx.utils import resolve_model_path
+
+from .info import format_info, model_info, state_info
+from .progress import ReadProgress, peak_rss_bytes, rss_bytes
+
+DEBUG_ENV = "INFINI_DEBUG"
+
+
+def _echo_warning(message, category, filename, lineno, file=None, line=None):
+    typer.echo(f"warning: {message}", err=True)
+
+
+class _Group(TyperGroup):
+    """Turns every error into one line on stderr and a non-zero exit.
+
+    ``INFINI_DEBUG=1`` lets the traceback through instead.
+    """
+
+    def invoke(self, ctx):
+        with warnings.catch_warnings():
+            warnings.showwarning = _echo_warning
+            try:
+                return super().invoke(ctx)
+            except Exception as e:
+                # Typer's own (usage errors, Exit, Abort) are Typer's to print; it
+                # vendors click in recent versions, so they are told by module.
+                if type(e).__module__.startswith(("typer", "click")):
+                    raise
+                if os.environ.get(DEBUG_ENV):
+                    raise
+                typer.echo(f"error: {_describe(e)}", err=True)
+                raise typer.Exit(1)
+            except KeyboardInterrupt:
+                typer.echo("interrupted", err=True)
+                raise typer.Exit(130)
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, (InputError, StateFileError, ModelNotFoundError, OSError, ValueError)):
+        msg = str(e) or type(e).__name__
+        if isinstance(e, ModelNotFoundError) and "embedded" in msg:
+            msg += " (--model names another: a local directory or a Hugging Face id)"
+    else:
+        msg = f"{type(e).__name__}: {e} (set {DEBUG_ENV}=1 for a traceback)"
+    return " ".join(msg.split())  # one line
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="infini",
+    help=(
+        "Read book-length text into a fixed-size Infini-attention memory, "
+        "then query or summarize it. Memory use does not grow with the text's length."
+    ),
+    epilog=(
+        "Example: infini read book.txt -o book.state; "
+        'infini query book.state "Who tells the story?"; '
+        "infini summarize book.state. Set INFINI_DEBUG=1 to see tracebacks."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Options shared by several commands.
+Model = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        help="Model: a local directory or a Hugging Face id. Default: the embedded "
+        "model, or for a state file the model that wrote it.",
+        show_default=False,
+    ),
+]
+SegmentLen = Annotated[
+    Optional[int],
+    typer.Option(
+        "--segment-len", min=1,
+        help="Tokens per segment. Default: the model's, or the state file's.",
+        show_default=False,
+    ),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-m", min=1, help="Most tokens to generate.")]
+Temp = Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 is greedy.")]
+TopP = Annotated[float, typer.Option("--top-p", help="Sampling top-p (1 keeps every token).")]
+MinP = Annotated[float, typer.Option("--min-p", help="Sampling min-p (0 keeps every token).")]
+TopK = Annotated[int, typer.Option("--top-k", help="Sampling top-k (0 keeps every token).")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")]
+Source = Annotated[
+    Path,
+    typer.Argument(
+        help="A text file (read first) or a state file from `infini read` (answered at once).",
+        show_default=False,
+    ),
+]
+
+
+def _is_state(path: Path) -> bool:
+    """A state file is a safetensors file: an 8-byte header length, then JSON."""
+    if path.suffix in (".state", ".safetensors"):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 1 << 32
+
+
+def _session(source: Path, model, segment_len):
+    """A session that has read ``source``: restored from a state file, or read now."""
+    if source.is_file() and _is_state(source):
+        session = InfiniSession.restore(source, model, segment_len)
+        if not session.complete:
+            typer.echo(
+                f"warning: {source} holds an interrupted reading "
+                f"({session.tokens_read:,} tokens); finish it with `infini read --resume`",
+                err=True,
+            )
+        return session
+    check_text_file(source)  # before the model loads
+    session = InfiniSession.load(model, segment_len)
+    bar = ReadProgress(source.name)
+    try:
+        session.read(source, progress=bar)
+    finally:
+        bar.close()
+    return session
+
+
+def _answer(session, stream, json_out: bool, key: str, extra: dict):
+    """Print generated text as it comes, or one JSON object at the end."""
+    parts = []
+    for text in stream:
+        parts.append(text)
+        if not json_out:
+            typer.echo(text, nl=False)
+            sys.stdout.flush()
+    if not json_out:
+        typer.echo()
+        return
+    r = session.response
+    typer.echo(json.dumps({
+        **extra,
+        key: "".join(parts),
+        "source": session.meta.get("source"),
+        "complete": session.complete,
+        "tokens_read": session.tokens_read,
+        "prompt_tokens": r.prompt_tokens if r else 0,
+        "generation_tokens": r.generation_tokens if r else 0,
+        "finish_reason": r.finish_reason if r else None,
+    }))
+
+
+@app.command()
+def read(
+    file: Annotated[Path, typer.Argument(help="The text file to read (UTF-8).", show_default=False)],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The state file to write.", show_default=False)
+    ],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted reading from its last checkpoint.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the state file if it exists.")] = False,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", min=1, help="Segments between checkpoints.")
+    ] = 16,
+    model: Model = None,
+    segment_len: SegmentLen = None,
+    json_out: Json = False,
+):
+    """Stream a text file through the model into a state file.
+
+    The file is read and tokenized in pieces, so memory does not grow with its
+    size. The state is saved every few segments (an atomic write); after an
+    interruption, the same command with --resume continues from the last
+    checkpoint and ends with the state an uninterrupted reading would have.
+    """
+    if resume and force:
+        raise InputError("--resume and --force exclude each other: continue, or start over")
+    check_text_file(file)
+    if output.is_dir():
+        raise InputError(f"{output} is a directory; name the state file to write")
+    if not output.parent.is_dir():
+        raise InputError(f"{output.parent}: no such directory for the state file")
+    if output.exists() and output.resolve() == file.resolve():
+        raise InputError(f"{output} is the input file; name another state file")
+    if output.exists() and not (resume or force):
+        raise InputError(f"{output} exists; --resume continues it, --force overwrites it")
+
+    if resume and output.exists():
+        session = InfiniSession.restore(output, model, segment_len)
+        if session.meta.get("source_sha") != fingerprint(file):
+            raise InputError(
+                f"{output} is a reading of {session.meta.get('source')}, not of {file}; "
+                "--force starts over"
+            )
+    else:
+        session = InfiniSession.load(model, segment_len)
+    start_tokens = session.tokens_read
+    if session.complete and start_tokens:
+        fed, seconds = 0, 0.0
+    else:
+        bar = ReadProgress(file.name)
+        tic = time.perf_counter()
+        try:
+            fed = session.read(file, progress=bar, checkpoint=output, checkpoint_every=checkpoint_every)
+        except KeyboardInterrupt:
+            bar.close()
+            if session.checkpointed:
+                typer.echo(
+                    f"interrupted: {output} holds the last checkpoint "
+                    f"({session.checkpointed:,} tokens); continue with --resume",
+                    err=True,
+                )
+            else:
+                typer.echo("interrupted before the first checkpoint: nothing was saved", err=True)
+            raise typer.Exit(130)
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - tic
+
+    if json_out:
+        typer.echo(json.dumps({
+            "state": str(output),
+            "source": str(file),
+            "tokens_read": session.tokens_read,
+            "tokens_this_run": fed,
+            "resumed_at": start_tokens,
+            "seconds": round(seconds, 3),
+            "tokens_per_second": round(fed / seconds, 1) if seconds else None,
+            "peak_rss_bytes": peak_rss_bytes(),
+        }))
+    elif fed == 0:
+        typer.echo(f"{output} already holds all of {file} ({session.tokens_read:,} tokens)")
+    else:
+        resumed = f", resumed at {start_tokens:,}" if start_tokens else ""
+        typer.echo(
+            f"read {session.tokens_read:,} tokens of {file} into {output}{resumed} "
+            f"({seconds:.1f} s, {fed / seconds:,.0f} tokens/s, "
+            f"{rss_bytes() / 2**20:,.0f} MiB in use)"
+        )
+
+
+@app.command()
+def query(
+    source: Source,
+    question: Annotated[str, typer.Argument(help="The question to answer.", show_default=False)],
+    max_tokens: MaxTokens = 256,
+    temp: Temp = 0.0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    top_k: TopK = 0,
+    seed: Seed = None,
+    model: Model = None,
+    segment_len: SegmentLen = None,
+    json_out: Json = False,
+):
+    """Answer a question about a book.
+
+    From a text file the book is read first; from a state file written by
+    `infini read` the answer starts at once, without reading again. The answer
+    streams to stdout. Its quality depends entirely on the model.
+    """
+    if not question.strip():
+        raise ValueError("the question is empty")
+    session = _session(source, model, segment_len)
+    stream = session.stream_ask(
+        question, max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed
+    )
+    _answer(session, stream, json_out, "answer", {"question": question})
+
+
+@app.command()
+def summarize(
+    source: Source,
+    max_tokens: MaxTokens = 512,
+    temp: Temp = 0.0,
+    top_p: TopP = 1.0,
+    min_p: MinP = 0.0,
+    top_k: TopK = 0,
+    seed: Seed = None,
+    model: Model = None,
+    segment_len: SegmentLen = None,
+    json_out: Json = False,
+):
+    """Summarize a book.
+
+    From a text file the book is read first; from a state file written by
+    `infini read` the summary starts at once. It streams to stdout. (The paper
+    summarized books with --temp 0.5 --top-p 0.95.) Its quality depends
+    entirely on the model.
+    """
+    session = _session(source, model, segment_len)
+    stream = session.stream_summarize(
+        max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed
+    )
+    _answer(session, stream, json_out, "summary", {})
+
+
+@app.command()
+def info(
+    target: Annotated[
+        Optional[str],
+        typer.Argument(
+            help="A state file, a model directory or a Hugging Face id. "
+            "Default: the embedded model.",
+            show_default=False,
+        ),
+    ] = None,
+    json_out: Json = False,
+):
+    """Show what a model or a state file holds, without loading weights."""
+    path = Path(target) if target else None
+    if path is not None and path.is_file():
+        d = state_info(path)
+    else:
+        d = model_info(resolve_model_path(target))
+    typer.echo(json.dumps(d) if json_out else format_info(d))
+
+
+# Commands written in their own modules; each is registered with one line:
+#   from .convert import convert; app.command()(convert)
+#   from .passkey import passkey; app.command()(passkey)
+#   from .train import train; app.command()(train)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

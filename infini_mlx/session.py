@@ -1,0 +1,299 @@
+"""InfiniSession: read a book once into a bounded memory, then ask it questions."""
+
+import json
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from . import reading
+from .cache import InfiniCache
+from .reading import InputError, check_text_file, fingerprint
+from .state import StateFileError, load_state, model_fingerprint, read_state, save_state
+from .streaming import prefill
+from .utils import ModelNotFoundError, load
+
+# Cut out of a rendered chat template to find where the user's message goes.
+_MARK = "\u2063INFINI_TEXT\u2063"
+# The metadata a session keeps in its state files besides the core's own.
+_KEYS = ("model", "prompt_format", "source", "source_size", "source_sha",
+         "source_chunk", "source_pos", "source_skip", "head", "complete")
+
+Progress = Callable[[int, int, int], None]
+
+
+def _model_id(model: Optional[Union[str, Path]]) -> str:
+    if model is None:
+        return ""
+    p = Path(model)
+    return str(p.resolve()) if p.exists() else str(model)
+
+
+def _as_path(source: Union[str, Path]) -> Optional[Path]:
+    """A Path, or a str naming an existing file, is a file; any other str is text."""
+    if isinstance(source, Path):
+        return source
+    if not any(c.isspace() for c in source):
+        return Path(source)
+    try:
+        return Path(source) if "\n" not in source and Path(source).is_file() else None
+    except OSError:  # e.g. a name too long
+        return None
+
+
+class InfiniSession:
+    """A model and what it has read, kept in a memory of fixed size.
+
+    Reading streams text through the model one segment at a time, so the
+    memory in use does not grow with the text's length. Questions are answered
+    from a copy of that memory, so one reading can answer many questions.
+
+    Args:
+        model: An Infini model, e.g. from ``infini_mlx.load``.
+        tokenizer: Its tokenizer (mlx-lm's ``TokenizerWrapper``).
+        model_id: How to load the model again (a directory or a Hugging Face
+            id; ``""`` for the embedded model), recorded in saved states.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, model_id: str = ""):
+        self.model, self.tokenizer = model, tokenizer
+        self.cache: List[InfiniCache] = model.make_cache()
+        chat = getattr(tokenizer, "has_chat_template", False)
+        self.meta: Dict[str, str] = {
+            "model": model_id,
+            "prompt_format": "chat" if chat else "plain",
+        }
+        self.response = None  # the last mlx-lm GenerationResponse
+        self.checkpointed = 0  # tokens in the last checkpoint written
+        self._fingerprint = None
+
+    @classmethod
+    def load(
+        cls, model: Optional[Union[str, Path]] = None, segment_len: Optional[int] = None
+    ) -> "InfiniSession":
+        """Load a model into a new session.
+
+        Args:
+            model: A local directory or Hugging Face id; ``None`` for the
+                embedded default model.
+            segment_len: Tokens per segment, overriding the model's.
+        """
+        m, tok = load(model, infini={"segment_len": segment_len} if segment_len else None)
+        return cls(m, tok, _model_id(model))
+
+    @classmethod
+    def restore(
+        cls,
+        path: Union[str, Path],
+        model: Optional[Union[str, Path]] = None,
+        segment_len: Optional[int] = None,
+    ) -> "InfiniSession":
+        """Load a state file saved by ``save`` (or ``infini read``).
+
+        Args:
+            path: The state file.
+            model: The model that wrote it; ``None`` for the one it records.
+            segment_len: Defaults to the state's.
+
+        Raises:
+            StateFileError: The file is corrupt, truncated, or from another model.
+        """
+        _, meta = read_state(path)
+        if segment_len is None:
+            try:
+                segment_len = int(json.loads(meta["infini"])["segment_len"])
+            except Exception:
+                raise StateFileError(f"{path}: unreadable infini config in state file") from None
+        recorded = model is None and meta.get("model")
+        try:
+            session = cls.load(meta["model"] if recorded else model, segment_len)
+        except ModelNotFoundError as e:
+            if not recorded:
+                raise
+            raise ModelNotFoundError(
+                f"{e}; it is the model recorded in {path}: name the model to use"
+            ) from None
+        session.cache, saved = load_state(path, session.model, session.fingerprint)
+        session.meta.update({k: saved[k] for k in _KEYS if k in saved})
+        session.checkpointed = session.tokens_read
+        return session
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    @property
+    def tokens_read(self) -> int:
+        """Tokens the memory holds."""
+        return self.cache[0].offset
+
+    @property
+    def complete(self) -> bool:
+        """False while the last reading was interrupted before its end."""
+        return self.meta.get("complete", "1") == "1"
+
+    def _template(self):
+        msgs = [{"role": "user", "content": _MARK}]
+        text = self.tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True
+        )
+        head, mark, tail = text.partition(_MARK)
+        if not mark:
+            raise ValueError("the tokenizer's chat template drops the user's message")
+        return head, tail
+
+    def _head(self) -> List[int]:
+        """What opens a reading: BOS, or a chat template up to the user's message."""
+        text = self._template()[0] if self.meta["prompt_format"] == "chat" else ""
+        bos = self.tokenizer.bos_token
+        return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+    def read(
+        self,
+        source: Union[str, Path],
+        progress: Optional[Progress] = None,
+        checkpoint: Optional[Union[str, Path]] = None,
+        checkpoint_every: int = 16,
+    ) -> int:
+        """Read a text file, or a text, into the memory; return the tokens read.
+
+        The file is read and tokenized in pieces of 64 KiB and fed to the model
+        one segment at a time. A reading that was interrupted (a session from
+        ``restore`` of a checkpoint) continues where it stopped, so the result
+        equals that of an uninterrupted reading.
+
+        Args:
+            source: A path (a ``Path``, or a str naming an existing file), or
+                the text itself (a str containing whitespace).
+            progress: Called as ``progress(tokens_read, bytes_done, bytes_total)``.
+            checkpoint: Save the state to this file every ``checkpoint_every``
+                segments and at the end (atomic writes).
+            checkpoint_every: Segments between checkpoints.
+
+        Raises:
+            InputError: Missing file, directory, empty or binary file.
+        """
+        path = _as_path(source)
+        if path is not None:
+            size, sha, name = check_text_file(path), fingerprint(path), str(path.resolve())
+        else:
+            if not source.strip():
+                raise InputError("the text is empty: there is nothing to read")
+            size, sha, name = len(source.encode("utf-8")), "", "<text>"
+        m, before = self.meta, dict(self.meta)
+        if m.get("complete") == "0" and m.get("source_sha") == sha and sha:
+            start, skip = int(m["source_pos"]), int(m["source_skip"])
+            head, chunk = json.loads(m["head"]), int(m["source_chunk"])
+        else:
+            start, skip, chunk = 0, 0, reading.CHUNK
+            head = self._head() if self.tokens_read == 0 else []
+        m.update(source=name, source_size=str(size), source_sha=sha, head=json.dumps(head))
+        m.update(source_chunk=str(chunk))
+        m.update(complete="0", source_pos=str(start), source_skip=str(skip))
+
+        at = [start, skip]  # where the tokens handed to the model so far end
+        segments = 0
+
+        def tokens():
+            for off, ids in reading.pieces(self.tokenizer, path or source, start, head, chunk):
+                for i in range(skip if off == start else 0, len(ids)):
+                    at[:] = off, i + 1
+                    yield ids[i]
+
+        def step(fed):
+            nonlocal segments
+            # Only segment boundaries are recorded, so a resumed reading feeds
+            # the model the very blocks an uninterrupted one does.
+            if self.cache[0].segment_pos == 0:
+                segments += 1
+                m.update(source_pos=str(at[0]), source_skip=str(at[1]))
+                if checkpoint is not None and segments % checkpoint_every == 0:
+                    self.save(checkpoint)
+            if progress:
+                progress(self.tokens_read, at[0], size)
+
+        first = self.tokens_read
+        prefill(self.model, tokens(), self.cache, step)
+        fed = self.tokens_read - first
+        if fed == 0 and start == 0 and skip == 0:
+            self.meta = before
+            raise InputError(f"{path or 'the text'} holds no text to read")
+        m.update(complete="1", source_pos=str(size), source_skip="0")
+        if checkpoint is not None:
+            self.save(checkpoint)
+        if progress:
+            progress(self.tokens_read, size, size)
+        return fed
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Save the memory and what was read to a state file (an atomic write)."""
+        save_state(path, self.cache, self.model, self.meta, self.fingerprint)
+        self.checkpointed = self.tokens_read
+
+    def _fork(self) -> List[InfiniCache]:
+        """A copy of the memory to answer from. Arrays are copied too, since
+        a cache writes its pending keys and values in place."""
+        out = []
+        for c in self.cache:
+            f = InfiniCache(c.segment_len)
+            f.offset = c.offset
+            f.state = tuple(None if a is None else mx.array(a) for a in c.state)
+            out.append(f)
+        return out
+
+    def _generate(
+        self,
+        instruction: str,
+        max_tokens: int = 256,
+        temp: float = 0.0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        top_k: int = 0,
+        seed: Optional[int] = None,
+    ) -> Iterator[str]:
+        if self.tokens_read == 0:
+            raise ValueError("nothing has been read yet: read a text first")
+        if self.meta["prompt_format"] == "chat":
+            suffix = f"\n\n{instruction}{self._template()[1]}"
+        else:
+            suffix = f"\n\n{instruction}"
+        prompt = self.tokenizer.encode(suffix, add_special_tokens=False)
+        if seed is not None:
+            mx.random.seed(seed)
+        sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+        for r in stream_generate(
+            self.model, self.tokenizer, prompt, max_tokens,
+            sampler=sampler, prompt_cache=self._fork(),
+        ):
+            self.response = r
+            if r.text:
+                yield r.text
+
+    def stream_ask(self, question: str, **kwargs) -> Iterator[str]:
+        """Answer a question about what was read, yielding text as it is generated.
+
+        Args:
+            question: The question.
+            **kwargs: ``max_tokens`` (256), and mlx-lm's sampling options
+                ``temp`` (0.0: greedy), ``top_p``, ``min_p``, ``top_k``, ``seed``.
+        """
+        plain = self.meta["prompt_format"] != "chat"
+        yield from self._generate(f"Question: {question}\nAnswer:" if plain else question, **kwargs)
+
+    def stream_summarize(self, **kwargs) -> Iterator[str]:
+        """Summarize what was read, yielding text as it is generated (see ``stream_ask``)."""
+        plain = self.meta["prompt_format"] != "chat"
+        yield from self._generate("Summary:" if plain else "Summarize the text above.", **kwargs)
+
+    def ask(self, question: str, **kwargs) -> str:
+        """Answer a question about what was read (see ``stream_ask``)."""
+        return "".join(self.stream_ask(question, **kwargs))
+
+    def summarize(self, **kwargs) -> str:
+        """Summarize what was read (see ``stream_ask`` for the options)."""
+        return "".join(self.stream_summarize(**kwargs))

@@ -1,0 +1,299 @@
+"""The `infini` command through Typer's CliRunner, and as a real subprocess."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from books import book, greedy, model_dir, reference_cache, same_state
+from mlx.utils import tree_flatten
+from typer.testing import CliRunner
+
+import infini_mlx
+from infini_mlx import InfiniSession, load_state
+from infini_mlx.cli.main import app
+from infini_mlx.cli.progress import ReadProgress
+from infini_mlx.state import read_state
+
+runner = CliRunner()
+WORDS = 600
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def shelf(tiny, tmp_path_factory):
+    """A book and the state `infini read` wrote of it."""
+    d = tmp_path_factory.mktemp("shelf")
+    (d / "book.txt").write_text(book(WORDS, seed=1))
+    r = cli("read", d / "book.txt", "-o", d / "book.state", "--model", tiny)
+    assert r.exit_code == 0, r.output
+    return d
+
+
+def test_help_reads_well():
+    r = cli("--help")
+    assert r.exit_code == 0
+    for name in ["read", "query", "summarize", "info"]:
+        assert name in r.stdout
+        sub = cli(name, "--help")
+        assert sub.exit_code == 0 and "Usage: infini " + name in " ".join(sub.stdout.split())
+    assert "--resume" in cli("read", "--help").stdout
+    assert "--top-p" in cli("summarize", "--help").stdout
+
+
+def test_read_writes_the_state_of_one_prefill(tiny, shelf):
+    model, tok = infini_mlx.load(tiny)
+    text = (shelf / "book.txt").read_text()
+    cache, meta = load_state(shelf / "book.state", model)
+    assert same_state(cache, reference_cache(model, tok.encode(text)))
+    assert meta["complete"] == "1" and meta["model"] == str(tiny.resolve())
+
+    r = cli("read", shelf / "book.txt", "-o", shelf / "again.state", "--model", tiny, "--json")
+    assert r.exit_code == 0 and r.stderr == ""  # no progress bar off a terminal
+    out = json.loads(r.stdout)
+    assert out["tokens_read"] == WORDS and out["tokens_this_run"] == WORDS
+
+    r = cli("read", shelf / "book.txt", "-o", shelf / "again.state", "--resume")
+    assert r.exit_code == 0 and "already holds all" in r.stdout
+
+
+def test_query_and_summarize_answer_from_the_book(tiny, shelf):
+    model, tok = infini_mlx.load(tiny)
+    book_ids = tok.encode((shelf / "book.txt").read_text())
+    q = "t5 t6 t7"
+    prompt = tok.encode(f"\n\nQuestion: {q}\nAnswer:", add_special_tokens=False)
+    expected = [f"t{t}" for t in greedy(model, reference_cache(model, book_ids), prompt, 10, tok.eos_token_ids)]
+
+    for source in ["book.state", "book.txt"]:  # a state, or the book read first
+        r = cli("query", shelf / source, q, "-m", 10, "--json", "--model", tiny)
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.stdout)
+        assert out["answer"].split() == expected
+        assert out["tokens_read"] == len(book_ids) and out["prompt_tokens"] == len(prompt)
+    r = cli("query", shelf / "book.state", q, "-m", 10)  # streamed text
+    assert r.exit_code == 0 and r.stdout.split() == expected
+
+    prompt = tok.encode("\n\nSummary:", add_special_tokens=False)
+    expected = [f"t{t}" for t in greedy(model, reference_cache(model, book_ids), prompt, 7, tok.eos_token_ids)]
+    r = cli("summarize", shelf / "book.state", "--max-tokens", 7, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["summary"].split() == expected
+    r = cli("summarize", shelf / "book.state", "-m", 7, "--temp", 0.8, "--top-p", 0.9, "--seed", 3)
+    assert r.exit_code == 0 and len(r.stdout.split()) <= 7
+
+
+def test_query_on_a_state_does_not_read_the_book(tiny, shelf, tmp_path, monkeypatch):
+    shutil.copy(shelf / "book.state", tmp_path / "book.state")
+    shutil.copy(shelf / "book.txt", tmp_path / "book.txt")
+    cli("read", tmp_path / "book.txt", "-o", tmp_path / "x.state", "--model", tiny)
+    (tmp_path / "book.txt").unlink()
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("the book was read again")
+
+    monkeypatch.setattr(InfiniSession, "read", no_reading)
+    r = cli("query", tmp_path / "book.state", "t5", "-m", 3, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    # Only the question went through the model: "\n\nQuestion: t5\nAnswer:" is 3 tokens.
+    assert out["prompt_tokens"] == 3 and out["tokens_read"] == WORDS
+
+
+def test_info_on_a_model_and_a_state(tiny, shelf):
+    model, _ = infini_mlx.load(tiny)
+    cache = reference_cache(model, list(range(2, 2 + 8)))  # one folded segment: only M, z left
+    memory = sum(a.nbytes for c in cache for a in c.state if a is not None)
+    cache = reference_cache(model, list(range(2, 2 + 15)))  # the largest pending segment
+    segment = sum(a.nbytes for c in cache for a in c.state if a is not None) - memory
+
+    r = cli("info", tiny, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["memory_bytes"] == memory and d["segment_bytes"] == segment
+    assert d["layers"] == 2 and d["segment_len"] == 8
+    base = [v.size for k, v in tree_flatten(model.parameters()) if not k.endswith(".gate")]
+    assert d["stored_parameters"] == sum(base) and not d["gates"]
+
+    r = cli("info", shelf / "book.state", "--json")
+    d = json.loads(r.stdout)
+    assert d["tokens_read"] == WORDS and d["complete"] and d["model"] == str(tiny.resolve())
+    arrays = read_state(shelf / "book.state")[0]
+    assert d["state_bytes"] == sum(a.nbytes for a in arrays.values())
+    assert d["memory_bytes"] == memory and WORDS % 8 == 0  # a whole number of segments
+    human = cli("info", shelf / "book.state").stdout
+    assert f"{WORDS} tokens: all of" in human and "segment_len=8" in human
+
+
+def test_progress_bar_only_on_a_terminal():
+    out = io.StringIO()
+    bar = ReadProgress("book.txt", stream=out, enabled=True)
+    bar(100, 50, 100)
+    bar(200, 100, 100)
+    bar.close()
+    assert "book.txt" in out.getvalue() and "tokens/s" in out.getvalue() and "MiB in use" in out.getvalue()
+    quiet = io.StringIO()  # not a terminal
+    bar = ReadProgress("book.txt", stream=quiet)
+    bar(100, 100, 100)
+    bar.close()
+    assert quiet.getvalue() == ""
+
+
+@pytest.fixture(scope="module")
+def bad(tiny, shelf, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.txt").write_bytes(b"")
+    (d / "binary.txt").write_bytes(b"t5 t6 \x00\x01\x02\x03")
+    (d / "dir").mkdir()
+    data = (shelf / "book.state").read_bytes()
+    (d / "truncated.state").write_bytes(data[: len(data) // 2])
+    (d / "corrupt.state").write_bytes(b"not a state file at all")
+    (d / "exists.state").write_bytes(b"keep me")
+    shutil.copy(shelf / "book.state", d / "book.state")
+    # A state of the same shapes from another model: other weights.
+    from tiny import save_base
+
+    other = d / "other-model"
+    save_base(other, "llama", seed=1, infini={"segment_len": 8})
+    (d / "other.txt").write_text(book(50, seed=2))
+    assert cli("read", d / "other.txt", "-o", d / "other.state", "--model", other).exit_code == 0
+    # A state whose recorded model has gone.
+    gone = d / "gone-model"
+    shutil.copytree(other, gone)
+    assert cli("read", d / "other.txt", "-o", d / "orphan.state", "--model", gone).exit_code == 0
+    shutil.rmtree(gone)
+    return d
+
+
+BAD = [
+    (["read", "{d}/missing.txt", "-o", "{d}/out.state"], "no such file"),
+    (["read", "{d}/dir", "-o", "{d}/out.state"], "directory"),
+    (["read", "{d}/empty.txt", "-o", "{d}/out.state"], "empty"),
+    (["read", "{d}/binary.txt", "-o", "{d}/out.state"], "binary"),
+    (["read", "{book}", "-o", "{d}/exists.state"], "--force overwrites it"),
+    (["read", "{book}", "-o", "{d}/exists.state", "--resume", "--force"], "exclude each other"),
+    (["read", "{book}", "-o", "{d}/nodir/out.state"], "no such directory"),
+    (["read", "{book}", "-o", "{d}/dir"], "is a directory"),
+    (["read", "{book}", "-o", "{book}", "--force"], "is the input file"),
+    (["read", "{book}", "-o", "{d}/exists.state", "--resume"], "corrupt or truncated"),
+    (["read", "{book}", "-o", "{d}/other.state", "--resume", "--model", "{tiny}"], "another model"),
+    (["read", "{book}", "-o", "{d}/book.state", "--resume", "--model", "{d}/other-model"], "another model"),
+    (["read", "{d}/other.txt", "-o", "{d}/book.state", "--resume"], "not of"),
+    (["read", "{book}", "-o", "{d}/out.state", "--model", "nobody/no-such-model"], "no-such-model"),
+    (["read", "{book}", "-o", "{d}/out.state", "--model", "{d}/dir"], "not a model directory"),
+    (["query", "{d}/missing.txt", "q"], "no such file"),
+    (["query", "{d}/dir", "q"], "directory"),
+    (["query", "{d}/empty.txt", "q"], "empty"),
+    (["query", "{d}/binary.txt", "q"], "binary"),
+    (["query", "{d}/truncated.state", "q"], "corrupt or truncated"),
+    (["query", "{d}/corrupt.state", "q"], "corrupt or truncated"),
+    (["query", "{d}/book.state", "q", "--model", "{d}/other-model"], "another model"),
+    (["query", "{d}/book.state", "q", "--segment-len", "16"], "segment_len"),
+    (["query", "{d}/orphan.state", "q"], "the model recorded in"),
+    (["query", "{d}/book.state", " "], "question is empty"),
+    (["summarize", "{d}/truncated.state"], "corrupt or truncated"),
+    (["summarize", "{d}/binary.txt"], "binary"),
+    (["info", "{d}/corrupt.state"], "corrupt or truncated"),
+    (["info", "nobody/no-such-model"], "no-such-model"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a[:2]) + ": " + m for a, m in BAD])
+def test_bad_input_gets_one_clear_line(tiny, bad, shelf, args, message):
+    args = [a.format(d=bad, book=shelf / "book.txt", tiny=tiny) for a in args]
+    before = {p.name: p.read_bytes() for p in bad.iterdir() if p.is_file()}
+    r = cli(*args)
+    assert r.exit_code != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    after = {p.name: p.read_bytes() for p in bad.iterdir() if p.is_file()}
+    assert after == before  # nothing overwritten, nothing left behind
+
+
+def test_missing_embedded_model_gets_one_clear_line(shelf, tmp_path, monkeypatch):
+    monkeypatch.setattr(infini_mlx.utils, "DEFAULT_MODEL", tmp_path / "not-installed")
+    for args in [["info"], ["read", shelf / "book.txt", "-o", tmp_path / "s.state"]]:
+        r = cli(*args)
+        assert r.exit_code == 1
+        assert r.stderr.startswith("error: the embedded default model is not installed (--model")
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_overwrites_and_bad_utf8_is_read_with_a_warning(tiny, tmp_path):
+    (tmp_path / "out.state").write_bytes(b"old")
+    (tmp_path / "latin1.txt").write_bytes("t5 caf\u00e9 t6\nt7\n".encode("latin-1"))
+    r = cli("read", tmp_path / "latin1.txt", "-o", tmp_path / "out.state", "--force", "--model", tiny)
+    assert r.exit_code == 0, r.output
+    (warning,) = r.stderr.strip().splitlines()
+    assert warning.startswith("warning: ") and "not valid UTF-8" in warning
+    assert read_state(tmp_path / "out.state")[1]["tokens_read"] == "4"  # café became one word
+
+
+def _wait_for_checkpoint(proc, state, above):
+    """Tokens in ``state`` once a checkpoint beyond ``above`` tokens is written."""
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"infini read ended (rc {proc.returncode}) before it could be stopped")
+        try:
+            n = int(read_state(state)[1]["tokens_read"])
+            if n > above:
+                return n
+        except Exception:
+            pass
+        time.sleep(0.02)
+
+
+def test_interrupt_kill_and_resume_as_a_real_subprocess(tiny, tmp_path):
+    exe = Path(sys.executable).parent / "infini"
+    exe = str(exe) if exe.exists() else shutil.which("infini")
+    text = book(12000, seed=7)
+    path, state = tmp_path / "book.txt", tmp_path / "book.state"
+    path.write_text(text)
+    cmd = [exe, "read", str(path), "-o", str(state), "--model", str(tiny),
+           "--segment-len", "32", "--checkpoint-every", "2"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    model, tok = infini_mlx.load(tiny, infini={"segment_len": 32})
+
+    # Ctrl-C: a clean exit, and the last checkpoint stays valid.
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(p, state, 0)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("interrupted: ")
+    cache, meta = load_state(state, model)
+    assert meta["complete"] == "0" and cache[0].offset % 32 == 0
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["book.state", "book.txt"]
+    stopped = cache[0].offset
+
+    # SIGKILL in the middle of a resumed reading.
+    p = subprocess.Popen(cmd + ["--resume"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = _wait_for_checkpoint(p, state, stopped)
+    p.kill()
+    p.wait(timeout=60)
+    assert read_state(state)[1]["complete"] == "0"
+
+    r = subprocess.run(cmd + ["--resume", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["resumed_at"] >= killed and out["tokens_read"] == 12000
+
+    final, meta = load_state(state, model)
+    assert meta["complete"] == "1"
+    assert same_state(final, reference_cache(model, tok.encode(text)))

@@ -1,0 +1,158 @@
+"""InfiniSession: reading in pieces, asking from a copy, saving, resuming, chat templates."""
+
+import io
+import runpy
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from books import book, greedy, model_dir, reference_cache, same_state
+
+import infini_mlx
+import infini_mlx.reading as reading
+from infini_mlx import InfiniSession, InputError, load_state
+
+TEMPLATE = (
+    "{% for m in messages %}t3 t4 {{ m['content'] }} t5 t6{% endfor %}"
+    "{% if add_generation_prompt %} t7{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    return model_dir(tmp_path_factory.mktemp("chat"), chat_template=TEMPLATE)
+
+
+def test_chunks_end_on_line_starts_and_resume_anywhere():
+    data = ("é" * 50 + "\n\n" + "word " * 30 + "x" * 70 + "\n").encode() * 5
+    got = list(reading.chunks(io.BytesIO(data), 0, size=64))
+    assert b"".join(c for _, c in got) == data
+    for off, c in got:
+        assert c.decode("utf-8")  # never a character cut in two
+        # Reading from any offset it yielded gives the same pieces from there.
+        assert list(reading.chunks(io.BytesIO(data), off, size=64)) == [p for p in got if p[0] >= off]
+    ends = {off + len(c) for off, c in got[:-1]}
+    assert any(data[e - 1 : e] == b"\n" for e in ends)
+    assert not any(data[e - 1 : e + 1] == b"\n\n" for e in ends)  # blank lines kept whole
+
+
+def test_read_in_pieces_equals_one_prefill_of_the_whole_text(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(reading, "CHUNK", 100)  # many pieces, many cuts
+    text = book(700, seed=1)
+    (tmp_path / "b.txt").write_text(text)
+    session = InfiniSession.load(tiny)
+    assert session.read(tmp_path / "b.txt") == len(text.split())
+
+    model, tok = infini_mlx.load(tiny)
+    ref = reference_cache(model, tok.encode(text))
+    assert same_state(session.cache, ref)
+    assert session.complete and session.meta["source"] == str((tmp_path / "b.txt").resolve())
+
+
+def test_questions_are_answered_from_a_copy(tiny):
+    text = book(300, seed=2)
+    session = InfiniSession.load(tiny)
+    session.read(text)  # a str with whitespace is the text itself
+    before = [tuple(None if a is None else mx.array(a) for a in c.state) for c in session.cache]
+
+    model, tok = infini_mlx.load(tiny)
+    q = "t5 t9 t11"
+    prompt = tok.encode(f"\n\nQuestion: {q}\nAnswer:", add_special_tokens=False)
+    ref = greedy(model, reference_cache(model, tok.encode(text)), prompt, 12, tok.eos_token_ids)
+    expected = [f"t{t}" for t in ref]
+
+    assert session.ask(q, max_tokens=12).split() == expected
+    assert "".join(session.stream_ask(q, max_tokens=12)).split() == expected  # asked again
+    session.summarize(max_tokens=5, temp=1.0, seed=0)
+    assert session.response.prompt_tokens == len(tok.encode("\n\nSummary:", add_special_tokens=False))
+    for c, saved in zip(session.cache, before):  # reading state untouched
+        assert c.offset == len(text.split())
+        assert all((a is None and b is None) or mx.array_equal(a, b) for a, b in zip(c.state, saved))
+
+
+def test_save_and_restore(tiny, tmp_path):
+    session = InfiniSession.load(tiny)
+    session.read(book(203, seed=3))  # ends inside a segment: pending keys are saved too
+    session.save(tmp_path / "s.state")
+    restored = InfiniSession.restore(tmp_path / "s.state")  # the model it records
+    assert same_state(session.cache, restored.cache)
+    assert restored.ask("t4", max_tokens=6) == session.ask("t4", max_tokens=6)
+
+
+def test_interrupted_read_resumes_to_the_uninterrupted_state(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(reading, "CHUNK", 128)
+    text = book(900, seed=4)
+    path, ckpt = tmp_path / "b.txt", tmp_path / "b.state"
+    path.write_text(text)
+
+    def stop(tokens, done, total):
+        if tokens > 500:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        InfiniSession.load(tiny).read(path, progress=stop, checkpoint=ckpt, checkpoint_every=3)
+    monkeypatch.setattr(reading, "CHUNK", 1000)  # the checkpoint's piece size still rules
+    partial = InfiniSession.restore(ckpt)
+    assert not partial.complete and 0 < partial.tokens_read < 900
+    assert partial.tokens_read % 8 == 0  # checkpoints lie on segment boundaries
+    partial.read(path, checkpoint=ckpt)
+
+    model, tok = infini_mlx.load(tiny)
+    ref = reference_cache(model, tok.encode(text))
+    assert same_state(partial.cache, ref)
+    cache, meta = load_state(ckpt, model)
+    assert same_state(cache, ref) and meta["complete"] == "1"
+
+
+def test_chat_template_wraps_the_book_and_the_question(chat):
+    text = book(100, seed=5)
+    session = InfiniSession.load(chat)
+    assert session.meta["prompt_format"] == "chat"
+    session.read(text)
+
+    model, tok = infini_mlx.load(chat)
+    # The template opens the user's turn ("t3 t4 "), the book and question follow.
+    cache = reference_cache(model, [3, 4] + tok.encode(text))
+    assert same_state(session.cache, cache)
+    prompt = tok.encode("\n\nt9 t10", add_special_tokens=False) + [5, 6, 7]
+    expected = [f"t{t}" for t in greedy(model, cache, prompt, 8, tok.eos_token_ids)]
+    assert session.ask("t9 t10", max_tokens=8).split() == expected
+    assert session.response.prompt_tokens == len(prompt)
+
+
+def test_bad_text_is_refused_or_decoded_with_a_warning(tiny, tmp_path):
+    session = InfiniSession.load(tiny)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "bin.dat").write_bytes(b"t5 t6\x00\x01\x02")
+    (tmp_path / "blank.txt").write_text("  \n\n \n")
+    for bad, match in [
+        (tmp_path / "missing.txt", "no such file"),
+        ("missing.txt", "no such file"),  # a str without whitespace is a path
+        (tmp_path, "directory"),
+        (tmp_path / "empty.txt", "empty"),
+        (tmp_path / "bin.dat", "binary"),
+        ("   \n ", "empty"),
+        (tmp_path / "blank.txt", "holds no text"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            session.read(bad)
+    assert session.tokens_read == 0 and "source" not in session.meta
+    (tmp_path / "latin1.txt").write_bytes("t5 caf\u00e9 t6\n".encode("latin-1"))
+    with pytest.warns(UnicodeWarning, match="not valid UTF-8"):
+        assert session.read(tmp_path / "latin1.txt") == 3
+
+
+def test_readme_api_example_runs(tiny, tmp_path, monkeypatch):
+    # The example uses the embedded model, which the tiny one stands in for.
+    monkeypatch.setattr(infini_mlx.utils, "DEFAULT_MODEL", tiny)
+    monkeypatch.chdir(tmp_path)
+    Path("alice_in_wonderland.txt").write_text(book(150, seed=6))
+    example = Path(__file__).parents[1] / "docs" / "api_example.py"
+    runpy.run_path(str(example), run_name="__main__")
+    restored = InfiniSession.restore("alice.state")
+    assert restored.tokens_read == 150 and restored.complete
