@@ -16,6 +16,7 @@ from infini_mlx import InfiniSession, InputError, ModelNotFoundError, StateFileE
 from infini_mlx.reading import check_text_file, fingerprint
 from infini_mlx.utils import resolve_model_path
 
+from .convert import convert
 from .info import format_info, model_info, state_info
 from .progress import ReadProgress, peak_rss_bytes, rss_bytes
 
@@ -334,10 +335,9 @@ def info(
     typer.echo(json.dumps(d) if json_out else format_info(d))
 
 
-# Commands written in their own modules; each is registered with one line:
-#   from .convert import convert; app.command()(convert)
-#   from .passkey import passkey; app.command()(passkey)
-#   from .train import train; app.command()(train)
+# Commands written in their own modules.
+app.command()(convert)
+# passkey and train register the same way.
 
 
 def main():

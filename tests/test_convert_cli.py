@@ -4,15 +4,7 @@ import typer
 from convert_helpers import FIXTURES
 from typer.testing import CliRunner
 
-from infini_mlx.cli.convert import convert
-
-app = typer.Typer()
-app.command("convert")(convert)
-
-
-@app.command("version")
-def _version():  # a second command, so that "convert" is a subcommand as in the real app
-    pass
+from infini_mlx.cli.main import app
 
 
 def test_help_documents_the_formats():
@@ -53,3 +45,10 @@ def test_errors_are_one_line_without_traceback(tmp_path, monkeypatch):
         assert "Traceback" not in r.output
     assert "posix.system" in CliRunner().invoke(app, ["convert", str(FIXTURES / "malicious"), "out"]).stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_errors_are_one_line(tmp_path):
+    r = CliRunner().invoke(app, ["convert", str(tmp_path / "missing"), str(tmp_path / "out")])
+    assert r.exit_code == 1
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+    assert "Traceback" not in r.output
