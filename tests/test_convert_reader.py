@@ -97,7 +97,9 @@ def test_conversion_never_imports_torch(tmp_path):
         "from infini_mlx.converters import convert\n"
         f"convert({str(FIXTURES / 'jlamprou_qwen2_moe')!r}, {str(tmp_path / 'out')!r}, infini={{'segment_len': 8}})\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    # cwd outside the checkout: the installed package, not the source tree, is imported.
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "infini.safetensors").exists()
 
 
