@@ -4,7 +4,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-
 from infini_mlx.converters import ConversionError
 from infini_mlx.converters import convert as run_convert
 

@@ -10,7 +10,13 @@ from typing import Any, Dict, List, Optional, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
-from mlx_lm.utils import _get_classes, get_total_parameters, make_shards, quantize_model, save_config
+from mlx_lm.utils import (
+    _get_classes,
+    get_total_parameters,
+    make_shards,
+    quantize_model,
+    save_config,
+)
 
 from infini_mlx.utils import GATES_FILE
 

@@ -140,7 +140,7 @@ def plan_nanotron(src: Path, stage: Path) -> Plan:
             weights[new] = params.pop(old)
     for i in range(n_layers):
         pre, out = _LAYER.format(i), f"model.layers.{i}."
-        take = lambda k: _pop(params, pre + k)  # noqa: E731
+        take = lambda k, pre=pre: _pop(params, pre + k)  # noqa: E731
         for old, new in _LAYER_RENAMES.items():
             weights[out + new] = take(old)
         qkv = _split(take("attn.qkv_proj.weight"), [H * D, Hkv * D, Hkv * D], pre + "attn.qkv_proj.weight")

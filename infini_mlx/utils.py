@@ -1,6 +1,5 @@
 """Load and save Infini models, reusing mlx-lm's loaders and savers."""
 
-import json
 import shutil
 import tempfile
 from contextlib import contextmanager

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 from books import book, greedy, model_dir, reference_cache, same_state
+from infini_mlx.cli.main import app
+from infini_mlx.cli.progress import ReadProgress
 from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 import infini_mlx
 from infini_mlx import InfiniSession, load_state
-from infini_mlx.cli.main import app
-from infini_mlx.cli.progress import ReadProgress
 from infini_mlx.state import read_state
 
 runner = CliRunner()

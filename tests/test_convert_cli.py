@@ -1,10 +1,8 @@
 """The Typer command behind `infini convert`, driven through a local app."""
 
-import typer
 from convert_helpers import FIXTURES
-from typer.testing import CliRunner
-
 from infini_mlx.cli.main import app
+from typer.testing import CliRunner
 
 
 def test_help_documents_the_formats():

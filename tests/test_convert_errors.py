@@ -5,7 +5,6 @@ import shutil
 
 import pytest
 from convert_helpers import FIXTURES, copy_fixture
-
 from infini_mlx.converters import ConversionError, convert
 
 

@@ -6,7 +6,6 @@ import json
 import mlx.core as mx
 import pytest
 from convert_helpers import FIXTURES, load_f32, max_diff, reference
-
 from infini_mlx.converters import convert, detect
 
 # fixture -> (reference, expected format, conversion kwargs, recorded semantics,

@@ -4,11 +4,11 @@ weights and logits, quantized or not; with fully local gates it is that model.""
 import mlx.core as mx
 import pytest
 from convert_helpers import FIXTURES, reference
+from infini_mlx.converters import convert
 from mlx_lm.convert import convert as mlx_lm_convert
 from mlx_lm.utils import load_model
 
 import infini_mlx
-from infini_mlx.converters import convert
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["float", "4-bit"])

@@ -10,7 +10,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from convert_helpers import FIXTURES
-
 from infini_mlx.converters import ConversionError, TorchZip, convert
 
 READER = FIXTURES / "reader"

@@ -91,7 +91,7 @@ def make_infini(family: str = "llama", seed: int = 0, **infini):
 
 def make_tokenizer(path: Path):
     """Write a word-level Hugging Face tokenizer of VOCAB tokens ("t0".."t96") to ``path``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {f"t{i}": i for i in range(VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
