@@ -36,3 +36,26 @@ def test_first_segment_reaches_last_segment_through_memory(update):
         layer.self_attn.gate = mx.full(layer.self_attn.gate.shape, -40.0)
     la, lb = last_segment_logits(model, a), last_segment_logits(model, b)
     assert mx.allclose(la, lb, atol=1e-5, rtol=0)
+
+
+def test_gradients_flow_through_memory_across_segments():
+    # Training calls the model without a cache: the loss on the last segment must
+    # reach the embeddings of tokens seen only in the first, through (M, z) alone.
+    model, _ = make_infini("llama", segment_len=N)
+    tokens = mx.random.randint(0, VOCAB, (1, 4 * N), key=mx.random.key(11))
+    emb = model.model.embed_tokens
+
+    def loss(w):
+        emb.weight = w
+        return model(tokens)[:, -N:].sum()
+
+    g = mx.grad(loss)(emb.weight)
+    later = set(tokens[0, N:].tolist())
+    only_first = [t for t in tokens[0, :N].tolist() if t not in later]
+    assert only_first
+    assert all(mx.abs(g[t]).sum().item() > 1e-3 for t in only_first)
+    # With local gates, no gradient crosses the segment boundary.
+    for layer in model.layers:
+        layer.self_attn.gate = mx.full(layer.self_attn.gate.shape, -40.0)
+    g = mx.grad(loss)(emb.weight)
+    assert all(mx.abs(g[t]).sum().item() < 1e-6 for t in only_first)
