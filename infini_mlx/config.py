@@ -11,6 +11,7 @@ _CHOICES = {
     "rope_mode": ("segment", "absolute"),
     "gqa_memory": ("interleave", "tile"),
     "gate_weights": ("memory", "local"),
+    "feature_map": ("elu1", "relu"),
 }
 
 
@@ -38,6 +39,11 @@ class InfiniConfig:
             or ``"tile"`` (h % n_kv_heads, as Beomi's Llama did).
         gate_weights: Which output sigmoid(beta) weights: ``"memory"`` (Eq. 10)
             or ``"local"`` (lucidrains' convention).
+        feature_map: sigma applied to the memory's Q and K: ``"elu1"``
+            (ELU + 1, the paper's) or ``"relu"`` (a deviation: exact zeros let
+            a query ignore every key outside its support, so what it reads does
+            not fade as filler accumulates in z; a query whose support no key
+            touches reads 0, like an empty memory).
     """
 
     segment_len: int = 2048
@@ -49,6 +55,7 @@ class InfiniConfig:
     memory_rope: bool = False
     gqa_memory: str = "interleave"
     gate_weights: str = "memory"
+    feature_map: str = "elu1"
 
     def __post_init__(self):
         if int(self.segment_len) < 1:
