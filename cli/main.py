@@ -18,7 +18,9 @@ from infini_mlx.utils import resolve_model_path
 
 from .convert import convert
 from .info import format_info, model_info, state_info
+from .passkey import passkey
 from .progress import ReadProgress, peak_rss_bytes, rss_bytes
+from .train import train
 
 DEBUG_ENV = "INFINI_DEBUG"
 
@@ -337,7 +339,8 @@ def info(
 
 # Commands written in their own modules.
 app.command()(convert)
-# passkey and train register the same way.
+app.command()(passkey)
+app.command()(train)
 
 
 def main():

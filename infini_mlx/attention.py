@@ -104,12 +104,12 @@ class InfiniAttention(nn.Module):
         keys, values = cache.update_and_fetch(k_rot, v)
         local = self._local(q_rot, keys, values, start)
 
-        sq = group_heads(sigma(qm), self.n_kv_heads, cfg.gqa_memory)
+        sq = group_heads(sigma(qm, cfg.feature_map), self.n_kv_heads, cfg.gqa_memory)
         mem = retrieve(sq, M[:, :, None], z[:, :, None], cfg.first_segment, cfg.eps)
         mem = ungroup_heads(mem, cfg.gqa_memory)
         cache.accumulate(
             *memory_delta(
-                sigma(km), v, M, z, cfg.update, cfg.first_segment, cfg.eps
+                sigma(km, cfg.feature_map), v, M, z, cfg.update, cfg.first_segment, cfg.eps
             )
         )
         cache.fold_if_full()

@@ -12,6 +12,7 @@ _CHOICES = {
     "gqa_memory": ("interleave", "tile"),
     "gate_weights": ("memory", "local"),
     "gate_act": ("sigmoid", "tanh", "hard_sigmoid", "tanh_abs"),
+    "feature_map": ("elu1", "relu"),
 }
 
 
@@ -42,6 +43,11 @@ class InfiniConfig:
         gate_act: The function that turns beta into that weight: ``"sigmoid"``
             (Eq. 10), or nanotron's ``"tanh"``, ``"hard_sigmoid"``
             (clip(0.2 beta + 0.5, 0, 1)) or ``"tanh_abs"`` (|tanh beta|).
+        feature_map: sigma applied to the memory's Q and K: ``"elu1"``
+            (ELU + 1, the paper's) or ``"relu"`` (a deviation: exact zeros let
+            a query ignore every key outside its support, so what it reads does
+            not fade as filler accumulates in z; a query whose support no key
+            touches reads 0, like an empty memory).
     """
 
     segment_len: int = 2048
@@ -54,6 +60,7 @@ class InfiniConfig:
     gqa_memory: str = "interleave"
     gate_weights: str = "memory"
     gate_act: str = "sigmoid"
+    feature_map: str = "elu1"
 
     def __post_init__(self):
         if int(self.segment_len) < 1:

@@ -7,9 +7,11 @@ queries arrive as (..., L, Dk) and values as (..., L, Dv).
 import mlx.core as mx
 
 
-def sigma(x: mx.array) -> mx.array:
-    """ELU(x) + 1 in float32; exp sees only x <= 0 so no inf can leak into grads."""
+def sigma(x: mx.array, feature_map: str = "elu1") -> mx.array:
+    """ELU(x) + 1 (or ReLU) in float32; exp sees only x <= 0 so no inf can leak into grads."""
     x = x.astype(mx.float32)
+    if feature_map == "relu":
+        return mx.maximum(x, 0)
     return mx.where(x > 0, x + 1, mx.exp(mx.minimum(x, 0)))
 
 
@@ -37,7 +39,8 @@ def retrieve(
     den = sq @ z[..., None]
     if first_segment == "eps":
         return num / (den + eps)
-    # z == 0 only while nothing has been written (sigma > 0): read 0, not 0/0.
+    # den == 0 only while nothing has been written (or, with ReLU, nothing the
+    # query matches): read 0, not 0/0.
     return num / mx.where(den > 0, den, 1.0)
 
 

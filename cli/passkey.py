@@ -1,0 +1,123 @@
+"""`infini passkey`: passkey retrieval (and optionally needles and perplexity) of a model."""
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+
+def _trials_per_length(trials: str, lengths):
+    t = [int(x) for x in trials.split(",")]
+    if len(t) == 1:
+        return t * len(lengths)
+    if len(t) != len(lengths):
+        raise typer.BadParameter("give one --trials value, or one per length")
+    return t
+
+
+def passkey(
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", "-m", help="Model directory or Hugging Face id (default: the embedded model)."),
+    ] = None,
+    lengths: Annotated[
+        str, typer.Option(help="Prompt lengths in tokens of the model's tokenizer, e.g. 4k,32k,128k,1m.")
+    ] = "4k,32k,128k,1m",
+    depths: Annotated[
+        str,
+        typer.Option(help="Where the passkey sits: start,middle,end; numbers in [0,1]; or sweep:N."),
+    ] = "start,middle,end",
+    trials: Annotated[
+        str, typer.Option(help="Trials per cell: one number, or one per length (e.g. 20,20,20,5).")
+    ] = "20,20,20,5",
+    seed: Annotated[int, typer.Option(help="Seed of every passkey and needle.")] = 0,
+    batch: Annotated[
+        int, typer.Option(help="Trials streamed together (keep it fixed to compare memory across lengths).")
+    ] = 5,
+    needle: Annotated[
+        Optional[str],
+        typer.Option(help="Also multi-key needle retrieval (4 facts, one asked) at these lengths, e.g. 32k,128k."),
+    ] = None,
+    needle_trials: Annotated[int, typer.Option(help="Trials per needle length.")] = 20,
+    perplexity: Annotated[
+        bool, typer.Option(help="Also perplexity on the held-out books, memory on and off.")
+    ] = False,
+    ppl_tokens: Annotated[
+        int, typer.Option(help="Tokens of each held-out book scored (0: the whole book).")
+    ] = 0,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a length x depth heatmap PNG.")] = None,
+):
+    """Passkey retrieval accuracy by length and depth, in the paper's prompt format."""
+    from infini_mlx import load
+    from infini_mlx.passkey import (
+        format_length,
+        needle_eval,
+        parse_depths,
+        parse_length,
+        passkey_eval,
+    )
+
+    L = [parse_length(x) for x in lengths.split(",") if x.strip()]
+    D = parse_depths(depths)
+    T = _trials_per_length(trials, L)
+    m, tok = load(model)
+
+    def say(s):
+        typer.echo(s, err=True)
+
+
+    rows = []
+    for length, n in zip(L, T):
+        rows += passkey_eval(m, tok, [length], D, n, seed, batch, progress=say)
+    result = {"model": model or "embedded", "seed": seed, "batch": batch, "passkey": rows}
+
+    head = f"{'length':>8} " + " ".join(f"{d:>8}" for d in D) + f" {'trials':>6} {'tok/s':>8} {'MLX MB':>8} {'RSS MB':>8}"
+    typer.echo(head)
+    for r in rows:
+        cells = " ".join(f"{r['cells'][d]['accuracy']:>8.0%}" for d in D)
+        n = r["cells"][next(iter(D))]["trials"]
+        typer.echo(
+            f"{format_length(r['length']):>8} {cells} {n:>6} {r['tokens_per_s']:>8.0f}"
+            f" {r['peak_memory_mb']:>8.1f} {r['peak_rss_mb']:>8.0f}"
+        )
+
+    if needle:
+        NL = [parse_length(x) for x in needle.split(",") if x.strip()]
+        result["needle"] = needle_eval(m, tok, NL, needle_trials, seed=seed, batch=batch, progress=say)
+        for r in result["needle"]:
+            typer.echo(f"needle (4 facts, 1 asked) {format_length(r['length'])}: "
+                       f"{r['cells']['random']['accuracy']:.0%} of {r['cells']['random']['trials']}")
+
+    if perplexity:
+        result["perplexity"] = _perplexities(m, tok, ppl_tokens)
+        for book, p in result["perplexity"].items():
+            typer.echo(f"perplexity {book}: memory on {p['memory_on']:.2f}, off {p['memory_off']:.2f} ({p['tokens']} tokens)")
+
+    if json_file:
+        json_file.write_text(json.dumps(result, indent=1))
+    if plot:
+        from infini_mlx.heatmap import render, write_png
+
+        acc = np.array([[r["cells"][d]["accuracy"] for d in D] for r in rows])
+        cols = [f"{100 * v:.0f}%" for v in D.values()]
+        write_png(plot, render(acc, [format_length(r["length"]) for r in rows], cols))
+
+
+def _perplexities(model, tokenizer, max_tokens: int):
+    from infini_mlx.data import BOOKS_DIR, HELD_OUT_BOOKS, book_text
+    from infini_mlx.passkey import memory_disabled, perplexity
+
+    out = {}
+    for name in HELD_OUT_BOOKS:
+        ids = [tokenizer.bos_token_id] + tokenizer.encode(
+            book_text(BOOKS_DIR / name), add_special_tokens=False
+        )
+        ids = np.array(ids[: max_tokens or None], np.int32)
+        on = perplexity(model, ids)
+        with memory_disabled(model):
+            off = perplexity(model, ids)
+        out[name] = {"memory_on": on, "memory_off": off, "tokens": len(ids)}
+    return out

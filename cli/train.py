@@ -1,0 +1,108 @@
+"""`infini train`: train or fine-tune an Infini model; resumes from its run directory."""
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def _pair(s: str):
+    a, b = (int(x) for x in s.split(","))
+    return [a, b]
+
+
+def _mix(s: str):
+    out = {}
+    for part in s.split(","):
+        k, v = part.split("=")
+        out[k.strip()] = float(v)
+    return out
+
+
+def train(
+    out: Annotated[Path, typer.Argument(help="Run directory: checkpoints and log; an existing run resumes.")],
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", "-m", help="Fine-tune this model (any that infini_mlx.load reads); default: a new one."),
+    ] = None,
+    tokenizer: Annotated[
+        Optional[Path], typer.Option(help="Tokenizer directory of a new model (scripts/train_tokenizer.py).")
+    ] = None,
+    arch: Annotated[
+        str, typer.Option(help='JSON overrides of a new model\'s Llama config, e.g. \'{"hidden_size": 256}\'.')
+    ] = "{}",
+    infini: Annotated[
+        str, typer.Option(help='JSON "infini" block, e.g. \'{"segment_len": 128, "update": "delta"}\'.')
+    ] = "{}",
+    steps: Annotated[int, typer.Option(help="Train until this many steps in total.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
+    segments: Annotated[str, typer.Option(help="min,max segments per sequence at the start.")] = "1,4",
+    segments_final: Annotated[
+        Optional[str], typer.Option(help="min,max segments at the end of the curriculum.")
+    ] = None,
+    curriculum_steps: Annotated[int, typer.Option(help="Steps over which the segment range widens.")] = 0,
+    mix: Annotated[
+        str, typer.Option(help="Task probabilities, e.g. lm=0.5,passkey=0.25,needle=0.25.")
+    ] = "lm=0.5,passkey=0.25,needle=0.25",
+    answer_weight: Annotated[float, typer.Option(help="Loss weight of answer tokens.")] = 10.0,
+    loss_positions: Annotated[
+        int, typer.Option(help="Score only the answers plus random targets, this many per sequence (0: all).")
+    ] = 0,
+    lr: Annotated[float, typer.Option(help="Learning rate of the body (AdamW).")] = 1e-3,
+    gate_lr: Annotated[float, typer.Option(help="Learning rate of the gates (Adam, no weight decay).")] = 1e-2,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay of the body.")] = 0.01,
+    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 50,
+    decay_steps: Annotated[int, typer.Option(help="Cosine decay to 10%% over this many steps (0: constant).")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
+    eval_every: Annotated[int, typer.Option(help="Steps between retrieval probes (0: off).")] = 0,
+    eval_segments: Annotated[str, typer.Option(help="Segment counts the probe measures.")] = "2,8,32",
+    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data stream.")] = 0,
+    books: Annotated[
+        Optional[str], typer.Option(help="Training book files to use, comma-separated (default: all five).")
+    ] = None,
+    books_dir: Annotated[
+        Optional[Path], typer.Option(help="Where the books are (default: ../shared/data/books beside the checkout, or $INFINI_BOOKS).")
+    ] = None,
+    export: Annotated[
+        Optional[Path], typer.Option(help="When done, also save the model to this directory.")
+    ] = None,
+):
+    """Segment-recurrent training with backprop through the memory, resumable."""
+    from infini_mlx import load, save
+    from infini_mlx.train import TrainArgs
+    from infini_mlx.train import train as run
+
+    args = TrainArgs(
+        out=str(out),
+        init=model,
+        tokenizer=str(tokenizer) if tokenizer else None,
+        arch=json.loads(arch),
+        infini=json.loads(infini),
+        steps=steps,
+        batch_size=batch_size,
+        segments=_pair(segments),
+        segments_final=_pair(segments_final) if segments_final else None,
+        curriculum_steps=curriculum_steps,
+        mix=_mix(mix),
+        answer_weight=answer_weight,
+        loss_positions=loss_positions,
+        lr=lr,
+        gate_lr=gate_lr,
+        weight_decay=weight_decay,
+        warmup=warmup,
+        decay_steps=decay_steps,
+        checkpoint_every=checkpoint_every,
+        eval_every=eval_every,
+        eval_segments=[int(x) for x in eval_segments.split(",")],
+        seed=seed,
+    )
+    if books_dir:
+        args.books = str(books_dir)
+    if books:
+        args.book_names = [b.strip() for b in books.split(",")]
+    ckpt = run(args, log=typer.echo)
+    if export:
+        m, tok, config = load(ckpt / "model", return_config=True)
+        save(export, m, tok, config, overwrite=True)
+        typer.echo(f"saved {export}")

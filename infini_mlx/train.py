@@ -1,0 +1,481 @@
+"""Segment-recurrent training of Infini models: language modelling plus retrieval tasks.
+
+``model(tokens)`` without a cache runs every layer segment by segment with the
+memory carried across segments, so autodiff through it backpropagates through
+the memory (as the paper trains). Gates get their own optimizer (larger
+learning rate, no weight decay). A run directory holds ``checkpoint/``: the
+model (a loadable infini-mlx directory), the optimizer state, and the step,
+data RNG and log, so a run resumes exactly where it stopped.
+"""
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.utils import _get_classes, load_tokenizer
+
+from .config import InfiniConfig
+from .data import BOOKS_DIR, HELD_OUT_BOOKS, TRAIN_BOOKS, book_tokens
+from .tasks import (
+    MAX_PASSKEY,
+    NEEDLE_NAMES,
+    Pieces,
+    info_line,
+    needle_prompt,
+    needle_question,
+    passkey_prompt,
+)
+from .upcycle import upcycle
+from .utils import load, save
+
+CKPT = "checkpoint"
+
+
+@dataclass
+class TrainArgs:
+    """Everything that defines a run; saved with every checkpoint.
+
+    Args:
+        out: Run directory (checkpoint, log).
+        init: Model to fine-tune (anything ``infini_mlx.load`` takes); ``None``
+            trains a new Llama-style model of the ``arch`` below from scratch.
+        tokenizer: Tokenizer directory for a new model.
+        books, book_names: Where the training books are, and which to use.
+        arch: mlx-lm Llama config overrides for a new model.
+        infini: The ``"infini"`` block of a new model (or overrides for ``init``).
+        steps: Train until this many optimizer steps in total.
+        batch_size: Sequences per step.
+        segments: (min, max) segments per sequence at the start of training.
+        segments_final: (min, max) at the end of ``curriculum_steps``.
+        curriculum_steps: Steps over which the segment range widens linearly.
+        mix: Probability of each task: ``lm`` (book text), ``passkey`` (the
+            paper's format), ``needle`` (4 facts in book text, all asked),
+            ``copy`` (passkey lines back to back: fixed-offset copying),
+            ``induct`` (book spans each repeated once: content-matched copying),
+            ``recall`` (book text whose end repeats an earlier segment).
+        answer_weight: Loss weight of answer tokens (other tokens weigh 1).
+        loss_positions: Score only this many target positions per sequence:
+            every answer token plus a random sample of the rest (0: all). The
+            softmax over the vocabulary is most of a small model's step on CPU.
+        lr, gate_lr: Learning rates of the body (AdamW) and the gates (Adam).
+        weight_decay: AdamW weight decay (never applied to the gates).
+        warmup: Linear warm-up steps.
+        decay_steps: Cosine decay to 10% over this many steps (0: constant).
+        grad_clip: Clip the global gradient norm (0: off).
+        checkpoint_every: Steps between checkpoints.
+        eval_every: Steps between retrieval evaluations (0: off).
+        eval_segments: Segment counts at which retrieval is evaluated.
+        seed: Seeds the initial weights and the data stream.
+    """
+
+    out: str
+    init: Optional[str] = None
+    tokenizer: Optional[str] = None
+    books: str = str(BOOKS_DIR)
+    book_names: List[str] = field(default_factory=lambda: list(TRAIN_BOOKS))
+    arch: Dict[str, Any] = field(default_factory=dict)
+    infini: Dict[str, Any] = field(default_factory=dict)
+    steps: int = 1000
+    batch_size: int = 8
+    segments: List[int] = field(default_factory=lambda: [1, 4])
+    segments_final: Optional[List[int]] = None
+    curriculum_steps: int = 0
+    mix: Dict[str, float] = field(
+        default_factory=lambda: {"lm": 0.5, "passkey": 0.25, "needle": 0.25}
+    )
+    answer_weight: float = 10.0
+    loss_positions: int = 0
+    lr: float = 1e-3
+    gate_lr: float = 1e-2
+    weight_decay: float = 0.01
+    warmup: int = 50
+    decay_steps: int = 0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    eval_every: int = 0
+    eval_segments: List[int] = field(default_factory=lambda: [2, 8, 32])
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainArgs":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+DEFAULT_ARCH = dict(
+    model_type="llama",
+    hidden_size=256,
+    num_hidden_layers=4,
+    intermediate_size=768,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    max_position_embeddings=1 << 20,
+)
+
+
+def new_model(arch: Dict[str, Any], infini: InfiniConfig, vocab_size: int, seed: int):
+    """A randomly initialised Llama-style Infini model (float32) and its config."""
+    config = {**DEFAULT_ARCH, **arch, "vocab_size": vocab_size}
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    upcycle(model, config["model_type"], infini)
+    mx.eval(model.parameters())
+    return model, config
+
+
+# ---- data ----
+
+TASKS = ("lm", "passkey", "needle", "copy", "induct", "recall")
+
+
+class Batches:
+    """The training stream: LM windows, passkey prompts and multi-key needles.
+
+    Every batch is drawn from ``rng`` alone, so saving ``rng``'s state is
+    enough to resume the stream exactly.
+    """
+
+    def __init__(self, tokenizer, books: np.ndarray, args: TrainArgs, segment_len: int):
+        self.pieces = Pieces(tokenizer)
+        self.books = books
+        self.args = args
+        self.N = segment_len
+        self.rng = np.random.default_rng(args.seed)
+        unknown = set(args.mix) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown tasks in the mix: {sorted(unknown)}; known: {TASKS}")
+        tasks = [t for t, p in args.mix.items() if p > 0]
+        p = np.array([args.mix[t] for t in tasks], dtype=np.float64)
+        self.tasks, self.p = tasks, p / p.sum()
+
+    def segment_range(self, step: int):
+        a = self.args
+        lo, hi = a.segments
+        if a.segments_final and a.curriculum_steps:
+            f = min(1.0, step / a.curriculum_steps)
+            lo = round(lo + f * (a.segments_final[0] - lo))
+            hi = round(hi + f * (a.segments_final[1] - hi))
+        return lo, hi
+
+    def answer(self, value: int) -> List[int]:
+        return self.pieces.word(f"{value}.")
+
+    # Each task returns (tokens, loss weights of the T - 1 targets, length of the
+    # final answer). Weight answer_weight marks what must be recalled.
+    def lm(self, T: int):
+        i = self.rng.integers(0, len(self.books) - T)
+        return self.books[i : i + T], np.ones(T - 1, np.float32), 0
+
+    def _sample(self, chunks):
+        """Concatenate (ids, is_answer) chunks into tokens and target weights."""
+        toks = np.concatenate([np.asarray(c, np.int32) for c, _ in chunks])
+        w = np.concatenate([np.full(len(c), self.args.answer_weight if a else 1.0, np.float32) for c, a in chunks])
+        return toks, w[1:], len(chunks[-1][0])
+
+    def passkey(self, T: int, depth: Optional[float] = None):
+        key = int(self.rng.integers(1, MAX_PASSKEY + 1))
+        depth = self.rng.random() if depth is None else depth
+        ans = self.answer(key)
+        toks, w, n = self._sample([(passkey_prompt(self.pieces, T - len(ans), depth, key).array(), False), (ans, True)])
+        # The key's second mention in its own line is a copy too: weigh it as an answer.
+        digits = np.isin(toks[1:], self.pieces.digits)
+        second = np.cumsum(digits) > len(str(key))
+        w[digits & second] = self.args.answer_weight
+        return toks, w, n
+
+    def needle(self, T: int, n_facts: int = 4):
+        """Facts in book text, then every fact asked and answered, in random order."""
+        r = self.rng
+        n_facts = max(1, min(n_facts, (T - 40) // 45))  # fewer facts in short sequences
+        names = r.choice(len(NEEDLE_NAMES), n_facts, replace=False)
+        facts = [(NEEDLE_NAMES[i], int(r.integers(1, MAX_PASSKEY + 1))) for i in names]
+        order = r.permutation(n_facts)
+        more = []
+        for i in order[1:]:
+            more += [(self.pieces.nl + self.pieces.line(needle_question(facts[i][0])), False)]
+            more += [(self.answer(facts[i][1]), True)]
+        ans = self.answer(facts[order[0]][1])
+        n = T - len(ans) - sum(len(c) for c, _ in more)
+        start = int(r.integers(0, len(self.books) - T))
+        prompt = needle_prompt(self.pieces, self.books, n, facts, r.random(n_facts), int(order[0]), start)
+        return self._sample([(prompt.array(), False), (ans, True)] + more)
+
+    def copy(self, T: int):
+        """Passkey lines back to back: every key's second mention is a copy target."""
+        toks, marks = [], []
+        while len(toks) < T:
+            key = int(self.rng.integers(1, MAX_PASSKEY + 1))
+            line = self.pieces.line(info_line(key)) + self.pieces.nl
+            is_digit = np.isin(line, self.pieces.digits)
+            toks += line
+            marks += list(is_digit & (np.cumsum(is_digit) > len(str(key))))
+        toks = np.array(toks[:T], np.int32)
+        w = np.where(np.array(marks[1:T]), self.args.answer_weight, 1.0).astype(np.float32)
+        return toks, w, 0
+
+    def induct(self, T: int):
+        """Book spans each followed by a repeat: dense content-matched (induction) copying."""
+        toks, w = [], []
+        while len(toks) < T:
+            R = int(self.rng.integers(4, self.N // 2))
+            i = int(self.rng.integers(0, len(self.books) - R))
+            span = list(self.books[i : i + R])
+            toks += span + span
+            w += [1.0] * (R + 1) + [self.args.answer_weight] * (R - 1)
+        return np.array(toks[:T], np.int32), np.array(w[1:T], np.float32), 0
+
+    def recall(self, T: int):
+        """Book text whose last half-segment repeats a span of an earlier segment."""
+        S = self.N // 2
+        i = int(self.rng.integers(0, len(self.books) - T))
+        toks = self.books[i : i + T].copy()
+        if T - S - self.N < S:
+            return toks, np.ones(T - 1, np.float32), 0
+        src = int(self.rng.integers(0, T - S - self.N))
+        toks[T - S :] = toks[src : src + S]
+        w = np.ones(T - 1, np.float32)
+        w[T - S :] = self.args.answer_weight  # targets from the second repeated token on
+        return toks, w, S - 1
+
+    def next(self, step: int):
+        lo, hi = self.segment_range(step)
+        T = int(self.rng.integers(lo, hi + 1)) * self.N + 1
+        rows = [getattr(self, self.rng.choice(self.tasks, p=self.p))(T) for _ in range(self.args.batch_size)]
+        toks = np.stack([r[0] for r in rows])
+        w = np.stack([r[1] for r in rows])
+        x, y = toks[:, :-1], toks[:, 1:]
+        P = self.args.loss_positions
+        if not P or P >= T - 1:
+            return mx.array(x), mx.array(y), mx.array(w), None
+        idx = np.stack([self._positions(row) for row in w])
+        y, w = np.take_along_axis(y, idx, 1), np.take_along_axis(w, idx, 1)
+        return mx.array(x), mx.array(y), mx.array(w), mx.array(idx)
+
+    def _positions(self, w: np.ndarray) -> np.ndarray:
+        """``loss_positions`` targets of a row: its answers first, then random others."""
+        P = self.args.loss_positions
+        answers = np.flatnonzero(w > 1)[:P]
+        rest = np.flatnonzero(w <= 1)
+        extra = self.rng.choice(rest, P - len(answers), replace=False)
+        return np.sort(np.concatenate([answers, extra]))
+
+
+# ---- optimisation ----
+
+
+def is_gate(path: str, _=None) -> bool:
+    return path.endswith("self_attn.gate")
+
+
+def make_optimizer(args: TrainArgs):
+    def schedule(lr):
+        rest = (
+            optim.cosine_decay(lr, args.decay_steps, lr * 0.1)
+            if args.decay_steps
+            else (lambda _: mx.array(lr))
+        )
+        if not args.warmup:
+            return rest
+        warm = optim.linear_schedule(lr * 0.01, lr, args.warmup)
+        return optim.join_schedules([warm, rest], [args.warmup])
+
+    return optim.MultiOptimizer(
+        [
+            optim.Adam(learning_rate=schedule(args.gate_lr)),
+            optim.AdamW(learning_rate=schedule(args.lr), weight_decay=args.weight_decay),
+        ],
+        [is_gate],
+    )
+
+
+# Families whose logits are exactly lm_head (or the tied embedding) of model.model's output.
+SUBSAMPLED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def logits_at(model, x, idx):
+    """Logits at positions ``idx`` (B, P) only: the body runs on all of ``x``."""
+    h = model.model(x)
+    h = mx.take_along_axis(h, idx[..., None], axis=1)
+    if getattr(model, "lm_head", None) is not None:
+        return model.lm_head(h)
+    return model.model.embed_tokens.as_linear(h)
+
+
+def weighted_loss(model, x, y, w, idx=None):
+    """Token cross-entropy weighted by ``w``, normalised by the total weight.
+
+    With ``idx``, ``y`` and ``w`` hold only the targets at those positions.
+    """
+    logits = model(x) if idx is None else logits_at(model, x, idx)
+    ce = nn.losses.cross_entropy(logits, y)
+    return (ce * w).sum() / w.sum()
+
+
+def clip_by_norm(grads, max_norm: float):
+    if not max_norm:
+        return grads
+    grads, _ = optim.clip_grad_norm(grads, max_norm)
+    return grads
+
+
+# ---- checkpoints ----
+
+
+def save_checkpoint(run: Path, model, tokenizer, config, opt, trainer: Dict[str, Any]):
+    """Write ``run/checkpoint`` atomically: model dir, optimizer.safetensors, trainer.json."""
+    tmp = run / f".{CKPT}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save(tmp / "model", model, tokenizer, config)
+    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
+    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
+    final = run / CKPT
+    old = run / f".{CKPT}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_optimizer_state(opt, path: Path):
+    state = tree_unflatten(list(mx.load(str(path)).items()))
+    opt.state = state
+
+
+# ---- retrieval probe during training ----
+
+
+def probe_retrieval(model, batches: Batches, segments: List[int], trials: int = 8) -> Dict[str, float]:
+    """Teacher-forced exact match of passkey and needle answers at several segment counts.
+
+    Uses its own RNG so the training stream is untouched.
+    """
+    from .passkey import teacher_forced_match
+
+    saved = batches.rng
+    batches.rng = np.random.default_rng(12345)
+    out = {}
+    try:
+        for n in segments:
+            T = n * batches.N + 1
+            for task in ("passkey", "needle"):
+                if batches.args.mix.get(task, 0) <= 0:
+                    continue
+                rows = [getattr(batches, task)(T) for _ in range(trials)]
+                ok = teacher_forced_match(model, [r[0] for r in rows], [r[2] for r in rows])
+                out[f"{task}@{n}"] = float(np.mean(ok))
+    finally:
+        batches.rng = saved
+    return out
+
+
+# ---- the loop ----
+
+
+def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
+    """Train (or resume) the run in ``args.out``; return its checkpoint directory.
+
+    If ``args.out/checkpoint`` exists the run resumes from it: weights,
+    optimizer state, step and data RNG; the saved arguments are kept except
+    ``steps`` (and the other knobs that do not change the stream or the
+    model's shape: ``checkpoint_every``, ``eval_every``, ``eval_segments``).
+    """
+    run = Path(args.out)
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt = run / CKPT
+    # seconds: wall clock between steps (pauses included); cpu_seconds: process CPU time.
+    trainer: Dict[str, Any] = {"step": 0, "seconds": 0.0, "cpu_seconds": 0.0, "tokens": 0, "log": []}
+    if ckpt.exists():
+        trainer = json.loads((ckpt / "trainer.json").read_text())
+        saved = TrainArgs.from_dict(trainer["args"])
+        for k in ("steps", "checkpoint_every", "eval_every", "eval_segments"):
+            setattr(saved, k, getattr(args, k))
+        args = saved
+        model, tokenizer, config = load(ckpt / "model", return_config=True)
+        log(f"resuming {run} at step {trainer['step']}")
+    elif args.init:
+        model, tokenizer, config = load(args.init, infini=args.infini or None, return_config=True)
+    else:
+        if not args.tokenizer:
+            raise ValueError("a new model needs --tokenizer")
+        tokenizer = load_tokenizer(Path(args.tokenizer))
+        infini = InfiniConfig.from_dict(args.infini)
+        model, config = new_model(args.arch, infini, len(tokenizer.vocab), args.seed)
+        config["infini"] = infini.to_dict()
+    if args.loss_positions and config["model_type"] not in SUBSAMPLED_TYPES:
+        raise ValueError(f"loss_positions works for {', '.join(SUBSAMPLED_TYPES)} models only")
+    model.train()
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    seg = model.infini_config.segment_len
+
+    books = _cached_book_tokens(tokenizer, Path(args.books), args.book_names, run)
+    batches = Batches(tokenizer, books, args, seg)
+    opt = make_optimizer(args)
+    if ckpt.exists():
+        batches.rng.bit_generator.state = trainer["rng"]
+        opt.init(model.trainable_parameters())
+        load_optimizer_state(opt, ckpt / "optimizer.safetensors")
+    trainer["args"] = asdict(args)
+    log(f"{n_params / 1e6:.2f}M parameters, segment_len {seg}, {json.dumps(args.mix)}")
+
+    loss_and_grad = nn.value_and_grad(model, weighted_loss)
+
+    def step_fn(x, y, w, idx):
+        loss, grads = loss_and_grad(model, x, y, w, idx)
+        opt.update(model, clip_by_norm(grads, args.grad_clip))
+        return loss
+
+    def checkpoint():
+        trainer["rng"] = batches.rng.bit_generator.state
+        save_checkpoint(run, model, tokenizer, config, opt, trainer)
+
+    t_last, c_last = time.time(), time.process_time()
+    while trainer["step"] < args.steps:
+        step = trainer["step"]
+        x, y, w, idx = batches.next(step)
+        loss = step_fn(x, y, w, idx)
+        mx.eval(loss, model.parameters(), opt.state)
+        now, cpu = time.time(), time.process_time()
+        trainer["seconds"] += now - t_last
+        trainer["cpu_seconds"] = trainer.get("cpu_seconds", 0.0) + cpu - c_last
+        t_last, c_last = now, cpu
+        trainer["step"] = step + 1
+        trainer["tokens"] += x.size
+        rec = {"step": step + 1, "loss": loss.item(), "len": x.shape[1], "s": round(trainer["seconds"], 1)}
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            model.eval()
+            rec["probe"] = probe_retrieval(model, batches, args.eval_segments)
+            model.train()
+            t_last, c_last = time.time(), time.process_time()
+        trainer["log"].append(rec)
+        log(json.dumps(rec))
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+            checkpoint()
+            t_last, c_last = time.time(), time.process_time()
+    if not ckpt.exists():
+        checkpoint()
+    return ckpt
+
+
+def _cached_book_tokens(tokenizer, books_dir: Path, names, run: Path) -> np.ndarray:
+    cache = run / "train_tokens.npy"
+    if cache.exists():
+        return np.load(cache)
+    if set(names) & set(HELD_OUT_BOOKS):
+        raise ValueError("the held-out books are for evaluation only")
+    ids = np.array(book_tokens(tokenizer, books_dir, names), dtype=np.int32)
+    np.save(cache, ids)
+    return ids

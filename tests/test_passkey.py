@@ -1,0 +1,123 @@
+"""Passkey prompts are the paper's; the shipped model retrieves; the command reports."""
+
+import json
+import random
+import re
+import struct
+import zlib
+
+import numpy as np
+import typer
+from mlx_lm import generate
+from typer.testing import CliRunner
+
+import infini_mlx
+from infini_mlx.passkey import parse_depths, parse_length
+from infini_mlx.tasks import Pieces, passkey_prompt
+
+# Landmark Attention's generator, written out here independently of the package.
+TASK = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and "
+    "memorize them. I will quiz you about the important information there."
+)
+GARBAGE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+
+
+def landmark_text(n_prefix_chars, n_suffix_chars, key):
+    garbage_inf = " ".join([GARBAGE] * 50)
+    lines = [
+        TASK,
+        garbage_inf[:n_prefix_chars],
+        f"The pass key is {key}. Remember it. {key} is the pass key.",
+        garbage_inf[:n_suffix_chars],
+        "What is the pass key? The pass key is",
+    ]
+    return "\n".join(lines)
+
+
+def test_prompt_is_the_papers_format(default_tokenizer):
+    tok = default_tokenizer
+    pieces = Pieces(tok)
+    rng = random.Random(0)
+    for _ in range(40):
+        L, depth, key = rng.randrange(100, 700), rng.random(), rng.randint(1, 50000)
+        ids = list(passkey_prompt(pieces, L, depth, key).tokens())
+        assert len(ids) == L
+        assert ids[0] == tok.bos_token_id
+        lines = tok.decode(ids[1:]).split("\n")
+        text = landmark_text(len(lines[1]), len(lines[3]), key)
+        assert tok.decode(ids[1:]) == text
+        # The streamed pieces are exactly how the tokenizer encodes the whole text.
+        assert ids[1:] == tok.encode(text, add_special_tokens=False)
+        # Depth: the prefix filler holds that share of the filler.
+        n1, n2 = len(tok.encode(lines[1], add_special_tokens=False)), len(tok.encode(lines[3], add_special_tokens=False))
+        assert abs(n1 - depth * (n1 + n2)) <= 3
+
+
+def test_tokenizer_splits_digits(default_tokenizer):
+    tok = default_tokenizer
+    for n in [7, 90, 2024, 31415, 9054, 1000000, 123456789]:
+        ids = tok.encode(f"The pass key is {n}.", add_special_tokens=False)
+        pieces = tok.convert_ids_to_tokens(ids)
+        digit_pieces = [p for p in pieces if any(c.isdigit() for c in p)]
+        assert digit_pieces == list(str(n)), pieces
+        assert tok.decode(ids) == f"The pass key is {n}."
+
+
+def test_shipped_model_answers_a_short_passkey():
+    # Through mlx-lm's own generate: nothing of this package's evaluation code.
+    model, tok = infini_mlx.load()
+    seg = model.infini_config.segment_len
+    for key, prefix, suffix in [(31337, 0, 600), (4821, 300, 300), (27, 600, 0)]:
+        prompt = landmark_text(prefix, suffix, key)
+        ids = tok.encode(prompt)
+        assert len(ids) > 2 * seg  # the key is in an earlier segment than the question (start)
+        out = generate(model, tok, ids, max_tokens=8, verbose=False)
+        assert int(re.search(r"\d+", out).group()) == key, out
+
+
+def _read_png(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + n]
+        assert struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])[0] == zlib.crc32(kind + body)
+        chunks[kind] = chunks.get(kind, b"") + body
+        pos += 12 + n
+    w, h = struct.unpack(">II", chunks[b"IHDR"][:8])
+    raw = np.frombuffer(zlib.decompress(chunks[b"IDAT"]), np.uint8).reshape(h, 1 + 3 * w)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:].reshape(h, w, 3)
+
+
+def test_passkey_command(tmp_path):
+    from infini_mlx.cli.passkey import passkey
+
+    app = typer.Typer()
+    app.command()(passkey)
+    app.command("noop")(lambda: None)  # keep `passkey` a subcommand
+    out = CliRunner().invoke(
+        app,
+        ["passkey", "--lengths", "300,1k", "--depths", "start,end", "--trials", "3",
+         "--batch", "2", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")],
+    )
+    assert out.exit_code == 0, out.output
+    table = out.stdout.splitlines()
+    assert table[0].split()[:3] == ["length", "start", "end"]
+    assert table[1].split()[0] == "300" and table[2].split()[0] == "1K"
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert [x["length"] for x in r["passkey"]] == [300, 1024]
+    cells = r["passkey"][0]["cells"]
+    assert set(cells) == {"start", "end"} and cells["start"]["trials"] == 3
+    assert all(x["peak_memory_mb"] > 0 and x["tokens_per_s"] > 0 for x in r["passkey"])
+    img = _read_png(tmp_path / "r.png")
+    assert img.shape[0] > 100 and img.shape[1] > 100 and img.dtype == np.uint8
+
+
+def test_parsers():
+    assert [parse_length(s) for s in ["4k", "32K", "1m", "300", "0.5k"]] == [4096, 32768, 1 << 20, 300, 512]
+    assert parse_depths("start,middle,end") == {"start": 0.0, "middle": 0.5, "end": 1.0}
+    assert list(parse_depths("sweep:3").values()) == [0.0, 0.5, 1.0]

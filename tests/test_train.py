@@ -1,0 +1,113 @@
+"""Training: loss goes down, gates get their own optimizer, a resumed run is the same run."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from infini_mlx import InfiniConfig, load
+from infini_mlx.tasks import Pieces, passkey_prompt
+from infini_mlx.train import TrainArgs, new_model, train
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2)
+
+
+def args(tmp, default_tokenizer, books_dir, **kw):
+    base = dict(
+        out=str(tmp),
+        tokenizer=str(default_tokenizer),
+        arch=TINY,
+        infini={"segment_len": 64},
+        batch_size=2,
+        segments=[2, 3],
+        mix={"lm": 0.5, "passkey": 0.5},
+        warmup=0,
+        checkpoint_every=100,
+        book_names=["alice_in_wonderland_pg11.txt"],
+        books=str(books_dir),
+    )
+    return TrainArgs(**{**base, **kw})
+
+
+def losses(run):
+    return [r["loss"] for r in json.loads((run / "checkpoint" / "trainer.json").read_text())["log"]]
+
+
+def params(run):
+    model, _ = load(run / "checkpoint" / "model")
+    return dict(tree_flatten(model.parameters()))
+
+
+def held_out_loss(model_dir, tokenizer):
+    """Cross-entropy of fixed passkey prompts, computed here with plain mlx ops."""
+    model, _ = load(model_dir)
+    p = Pieces(tokenizer)
+    rows = np.stack([passkey_prompt(p, 200, d, k).array() for d, k in [(0.1, 123), (0.7, 4567)]])
+    x, y = mx.array(rows[:, :-1]), mx.array(rows[:, 1:])
+    return nn.losses.cross_entropy(model(x), y).mean().item()
+
+
+def test_training_reduces_loss(tmp_path, default_tokenizer, tokenizer_dir, books_dir):
+    a = args(tmp_path / "run", tokenizer_dir, books_dir, steps=1, lr=3e-3)
+    train(a, log=lambda s: None)
+    before = held_out_loss(tmp_path / "run" / "checkpoint" / "model", default_tokenizer)
+    a.steps = 40
+    train(a, log=lambda s: None)
+    after = held_out_loss(tmp_path / "run" / "checkpoint" / "model", default_tokenizer)
+    assert after < 0.7 * before, (before, after)
+
+
+def test_resume_continues_the_same_run(tmp_path, tokenizer_dir, books_dir):
+    train(args(tmp_path / "whole", tokenizer_dir, books_dir, steps=4), log=lambda s: None)
+    train(args(tmp_path / "split", tokenizer_dir, books_dir, steps=2), log=lambda s: None)
+    train(args(tmp_path / "split", tokenizer_dir, books_dir, steps=4), log=lambda s: None)
+
+    assert len(losses(tmp_path / "split")) == 4
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    a, b = params(tmp_path / "whole"), params(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert mx.array_equal(a[k], b[k]), k
+
+
+def test_gates_have_their_own_rate_and_no_decay(tmp_path, tokenizer_dir, default_tokenizer, books_dir):
+    lr, gate_lr, wd = 1e-4, 0.05, 0.5
+    a = args(tmp_path / "run", tokenizer_dir, books_dir, steps=1, lr=lr, gate_lr=gate_lr, weight_decay=wd)
+    first = new_model(TINY, InfiniConfig(segment_len=64), len(default_tokenizer.vocab), 0)[0]
+    start = dict(tree_flatten(first.parameters()))
+    train(a, log=lambda s: None)
+    end = params(tmp_path / "run")
+    # MLX's Adam (no bias correction): a first step moves a weight by
+    # lr * (1 - b1) / sqrt(1 - b2) = 3.162 * lr, in the direction of -sign(grad).
+    unit = 0.1 / np.sqrt(0.001)
+    gates = [k for k in end if k.endswith("self_attn.gate")]
+    assert len(gates) == TINY["num_hidden_layers"]
+    for k in gates:
+        assert np.allclose(np.abs(np.array(end[k] - start[k])), unit * gate_lr, rtol=1e-3), k
+    for k in [k for k in end if k.endswith("q_proj.weight")]:
+        w0, w1 = np.array(start[k]), np.array(end[k])
+        decayed = w0 * (1 - lr * wd)  # AdamW decays the body before the Adam step
+        step = np.abs(w1 - decayed)  # tiny gradients (eps) move less, none more
+        assert step.max() <= unit * lr * 1.001 and np.median(step) > 0.99 * unit * lr, k
+
+
+def test_subsampled_loss_scores_the_answers_and_equals_the_full_logits(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
+    from infini_mlx.train import Batches, weighted_loss
+
+    a = args(tmp_path, tokenizer_dir, books_dir, loss_positions=24, mix={"passkey": 1.0}, segments=[3, 3])
+    model = new_model(TINY, InfiniConfig(segment_len=64), len(default_tokenizer.vocab), 0)[0]
+    books = np.array(default_tokenizer.encode("Alice was beginning to get very tired. " * 200), np.int32)
+    b = Batches(default_tokenizer, books, a, 64)
+    x, y, w, idx = b.next(0)
+    assert idx.shape == (2, 24) and y.shape == (2, 24)
+    assert (np.array(w) == a.answer_weight).sum(axis=1).min() >= 5  # every answer digit is scored
+    # Reference: softmax cross-entropy of the full logits, gathered in NumPy.
+    logits = np.array(model(x), np.float64)
+    i = np.array(idx)
+    sel = np.take_along_axis(logits, i[..., None], 1)
+    lse = np.log(np.exp(sel - sel.max(-1, keepdims=True)).sum(-1)) + sel.max(-1)
+    ce = lse - np.take_along_axis(sel, np.array(y)[..., None], -1)[..., 0]
+    ref = (ce * np.array(w)).sum() / np.array(w).sum()
+    assert abs(weighted_loss(model, x, y, w, idx).item() - ref) < 1e-4
