@@ -60,7 +60,9 @@ class TrainArgs:
             paper's format), ``needle`` (4 facts in book text, all asked),
             ``copy`` (passkey lines back to back: fixed-offset copying),
             ``induct`` (book spans each repeated once: content-matched copying),
-            ``recall`` (book text whose end repeats an earlier segment).
+            ``recall`` (book text whose end repeats an earlier segment),
+            ``repeat`` (a segment of passkey lines repeated segments later:
+            dense targets that only the memory can answer).
         answer_weight: Loss weight of answer tokens (other tokens weigh 1).
         loss_positions: Score only this many target positions per sequence:
             every answer token plus a random sample of the rest (0: all). The
@@ -137,7 +139,7 @@ def new_model(arch: Dict[str, Any], infini: InfiniConfig, vocab_size: int, seed:
 
 # ---- data ----
 
-TASKS = ("lm", "passkey", "needle", "copy", "induct", "recall")
+TASKS = ("lm", "passkey", "needle", "copy", "induct", "recall", "repeat")
 
 
 class Batches:
@@ -248,6 +250,33 @@ class Batches:
         w = np.ones(T - 1, np.float32)
         w[T - S :] = self.args.answer_weight  # targets from the second repeated token on
         return toks, w, S - 1
+
+    def repeat(self, T: int):
+        """A segment of passkey lines, filler, then the same lines in a later segment.
+
+        Local attention never sees the first copy from the second, so every
+        digit of the repeat must come from the memory.
+        """
+        N, lines = self.N, []
+        block = list(self.pieces.bos)
+        while True:
+            line = self.pieces.line(info_line(int(self.rng.integers(1, MAX_PASSKEY + 1)))) + self.pieces.nl
+            if len(block) + len(line) > N:
+                break
+            block += line
+            lines += line
+        n_seg = (T - 1) // N
+        if n_seg < 2 or not lines:
+            return self.passkey(T)
+        at = int(self.rng.integers(1, n_seg)) * N  # the repeat starts a later segment
+        filler = list(self.pieces.filler(T))
+        toks = block + filler[: at - len(block)] + lines
+        toks = np.array((toks + filler[len(toks) :])[:T], np.int32)
+        w = np.ones(T - 1, np.float32)
+        rep = np.zeros(T, bool)
+        rep[at : at + len(lines)] = np.isin(toks[at : at + len(lines)], self.pieces.digits)
+        w[rep[1:]] = self.args.answer_weight
+        return toks, w, 0
 
     def next(self, step: int):
         lo, hi = self.segment_range(step)

@@ -152,7 +152,9 @@ def test_readme_api_example_runs(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(infini_mlx.utils, "DEFAULT_MODEL", tiny)
     monkeypatch.chdir(tmp_path)
     Path("alice_in_wonderland.txt").write_text(book(150, seed=6))
-    example = Path(__file__).parents[1] / "docs" / "api_example.py"
-    runpy.run_path(str(example), run_name="__main__")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = readme.split("<!-- api-example -->")[1].split("```python\n")[1].split("```")[0]
+    Path("example.py").write_text(example)
+    runpy.run_path("example.py", run_name="__main__")
     restored = InfiniSession.restore("alice.state")
     assert restored.tokens_read == 150 and restored.complete

@@ -1,6 +1,7 @@
 """Training: loss goes down, gates get their own optimizer, a resumed run is the same run."""
 
 import json
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -111,3 +112,25 @@ def test_subsampled_loss_scores_the_answers_and_equals_the_full_logits(tmp_path,
     ce = lse - np.take_along_axis(sel, np.array(y)[..., None], -1)[..., 0]
     ref = (ce * np.array(w)).sum() / np.array(w).sum()
     assert abs(weighted_loss(model, x, y, w, idx).item() - ref) < 1e-4
+
+
+def test_repeat_targets_are_only_in_an_earlier_segment(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
+    from infini_mlx.train import Batches
+
+    a = args(tmp_path, tokenizer_dir, books_dir, mix={"repeat": 1.0})
+    b = Batches(default_tokenizer, np.zeros(10, np.int32), a, 64)
+    for _ in range(5):
+        toks, w, _ = b.repeat(5 * 64 + 1)
+        targets = np.flatnonzero(w > 1) + 1
+        assert len(targets) >= 10
+        text = default_tokenizer.decode(toks.tolist())
+        for key in re.findall(r"pass key is (\d+)", text):
+            assert text.count(key) == 4  # two mentions, twice
+        first = targets[0]
+        seg = first // 64
+        # The lines before the repeat's segment hold the same digits in the same order,
+        # and the repeat's segment holds none of them before the first target.
+        before = toks[: seg * 64]
+        assert not np.isin(toks[seg * 64 : first], toks[targets]).any()
+        digits = default_tokenizer.convert_tokens_to_ids(list("0123456789"))
+        assert list(toks[targets]) == list(before[np.isin(before, digits)])
