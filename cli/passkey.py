@@ -34,8 +34,9 @@ def passkey(
     ] = "20,20,20,5",
     seed: Annotated[int, typer.Option(help="Seed of every passkey and needle.")] = 0,
     batch: Annotated[
-        int, typer.Option(help="Trials streamed together (keep it fixed to compare memory across lengths).")
-    ] = 5,
+        int,
+        typer.Option(help="Prompts streamed together, across depths (keep it fixed to compare memory across lengths)."),
+    ] = 15,
     needle: Annotated[
         Optional[str],
         typer.Option(help="Also multi-key needle retrieval (4 facts, one asked) at these lengths, e.g. 32k,128k."),

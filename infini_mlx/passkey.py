@@ -151,20 +151,24 @@ def _cells(model, tokenizer, make_prompt, lengths, depths, trials, batch, seed, 
         _reset_peak_rss()
         t0, toks = time.time(), 0
         row = {"length": L, "cells": {}}
+        # Every depth's prompts share the batches, so a small cell still fills one.
+        prompts = []
         for name, d in depths.items():
             rng = np.random.default_rng([seed, L, int(round(d * 1e6))])
-            prompts = [make_prompt(L, d, rng) for _ in range(trials)]
-            hits = []
-            for i in range(0, trials, batch):
-                chunk = prompts[i : i + batch]
-                cache, logits = prefill_batch(model, [p.tokens() for p in chunk], L)
-                got = greedy_answers(model, tokenizer, cache, logits)
-                hits += [g == p.answer for g, p in zip(got, chunk)]
-                toks += L * len(chunk)
-                del cache, logits
-            row["cells"][name] = {"accuracy": float(np.mean(hits)), "trials": len(hits)}
+            prompts += [(name, make_prompt(L, d, rng)) for _ in range(trials)]
+        hits = {name: [] for name in depths}
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i : i + batch]
+            cache, logits = prefill_batch(model, [p.tokens() for _, p in chunk], L)
+            got = greedy_answers(model, tokenizer, cache, logits)
+            for g, (name, p) in zip(got, chunk):
+                hits[name].append(g == p.answer)
+            toks += L * len(chunk)
+            del cache, logits
+        for name in depths:
+            row["cells"][name] = {"accuracy": float(np.mean(hits[name])), "trials": len(hits[name])}
             if progress:
-                progress(f"{format_length(L)} {name}: {np.mean(hits):.0%} ({len(hits)} trials)")
+                progress(f"{format_length(L)} {name}: {np.mean(hits[name]):.0%} ({len(hits[name])} trials)")
         dt = time.time() - t0
         row.update(
             peak_memory_mb=mx.get_peak_memory() / 2**20,
