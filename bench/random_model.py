@@ -12,7 +12,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx_lm.utils import _get_classes, save_config, save_model
 
-BOOKS = Path("/work/shared/data/books")
+from infini_mlx.data import BOOKS_DIR as BOOKS
+
 # Training books only: frankenstein and crime_and_punishment are held out.
 TOKENIZER_BOOKS = ["alice_in_wonderland_pg11.txt", "pride_and_prejudice_pg1342.txt"]
 
