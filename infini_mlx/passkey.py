@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .data import BOOKS_DIR, TRAIN_BOOKS, book_text
+from .streaming import block_len
 from .tasks import MAX_PASSKEY, NEEDLE_NAMES, Pieces, needle_prompt, passkey_prompt
 
 DEPTHS = {"start": 0.0, "middle": 0.5, "end": 1.0}
@@ -70,16 +71,15 @@ def _feed(model, cache, x: mx.array, logits: bool):
     return None
 
 
-def prefill_batch(model, streams: Sequence[Iterator[int]], n: int, cache=None):
-    """Feed ``n`` tokens of every stream in segment-aligned blocks.
+def prefill_batch(model, streams: Sequence[Iterator[int]], n: int, cache=None, block_size: int = 512):
+    """Feed ``n`` tokens of every stream in segment-aligned blocks (``streaming.block_len``).
 
     Returns the caches and the logits (B, vocab) after the last token.
     """
     cache = cache if cache is not None else model.make_cache()
-    seg = cache[0].segment_len
     fed, logits = 0, None
     while fed < n:
-        k = min(seg - cache[0].segment_pos, n - fed)
+        k = min(block_len(cache, block_size), n - fed)
         block = np.stack([np.fromiter(itertools.islice(s, k), np.int32, k) for s in streams])
         fed += k
         logits = _feed(model, cache, mx.array(block), fed == n)

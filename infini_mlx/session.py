@@ -197,7 +197,8 @@ class InfiniSession:
         m.update(complete="0", source_pos=str(start), source_skip=str(skip))
 
         at = [start, skip]  # where the tokens handed to the model so far end
-        segments = 0
+        seg = self.cache[0].segment_len
+        base = last = self.cache[0].offset // seg
 
         def tokens():
             for off, ids in reading.pieces(self.tokenizer, path or source, start, head, chunk):
@@ -206,14 +207,17 @@ class InfiniSession:
                     yield ids[i]
 
         def step(fed):
-            nonlocal segments
+            nonlocal last
             # Only segment boundaries are recorded, so a resumed reading feeds
-            # the model the very blocks an uninterrupted one does.
+            # the model the very blocks an uninterrupted one does. A block may
+            # complete several segments: checkpoint when it crosses a multiple.
             if self.cache[0].segment_pos == 0:
-                segments += 1
+                done = self.cache[0].offset // seg
                 m.update(source_pos=str(at[0]), source_skip=str(at[1]))
-                if checkpoint is not None and segments % checkpoint_every == 0:
+                crossed = (done - base) // checkpoint_every > (last - base) // checkpoint_every
+                if checkpoint is not None and crossed:
                     self.save(checkpoint)
+                last = done
             if progress:
                 progress(self.tokens_read, at[0], size)
 

@@ -8,6 +8,19 @@ import mlx.nn as nn
 from .cache import InfiniCache
 
 
+def block_len(cache: List[InfiniCache], block_size: int) -> int:
+    """Tokens of the next block: up to the segment's end, or whole segments.
+
+    Segments longer than ``block_size`` are fed in pieces that never cross a
+    segment boundary; shorter ones (small models) are fed several at a time,
+    since a model call costs far more than one short segment's work.
+    """
+    seg, pos = cache[0].segment_len, cache[0].segment_pos
+    if pos or seg >= block_size:
+        return min(block_size, seg - pos)
+    return block_size // seg * seg
+
+
 def prefill(
     model: nn.Module,
     tokens: Iterable[int],
@@ -17,10 +30,11 @@ def prefill(
 ) -> Optional[mx.array]:
     """Feed ``tokens`` through ``model`` one segment at a time, updating ``cache``.
 
-    Blocks are aligned to segment boundaries, and the state is evaluated after
-    each, so the graph and the memory in use stay bounded by one segment.
-    Blocks shorter than a segment lower peak memory (the attention scores of a
-    block are block_size x segment_len) and, on CPU, time: fewer masked scores.
+    Blocks are aligned to segment boundaries (see ``block_len``), and the state
+    is evaluated after each, so the graph and the memory in use stay bounded by
+    ``max(block_size, segment_len)`` tokens. Blocks shorter than a segment lower
+    peak memory (the attention scores of a block are block_size x segment_len)
+    and, on CPU, time: fewer masked scores.
     ``tokens`` may be any iterable (a generator over a huge file included).
 
     Args:
@@ -33,8 +47,8 @@ def prefill(
     Returns:
         The logits of the last token fed, shape (vocab,), or None if no token was fed.
     """
-    seg = cache[0].segment_len
     logits, buf, fed = None, [], 0
+    n = block_len(cache, block_size)
 
     def run(block):
         # Only the state is evaluated: logits of all but the last block are never computed.
@@ -44,11 +58,12 @@ def prefill(
 
     for t in tokens:
         buf.append(t)
-        if len(buf) == min(block_size, seg - cache[0].segment_pos):
+        if len(buf) == n:
             logits = None  # let the previous block's graph go first
             logits = run(buf)
             fed += len(buf)
             buf = []
+            n = block_len(cache, block_size)
             if progress:
                 progress(fed)
     if buf:
