@@ -47,7 +47,7 @@ def shelf(tiny, tmp_path_factory):
 def test_help_reads_well():
     r = cli("--help")
     assert r.exit_code == 0
-    for name in ["read", "query", "summarize", "info"]:
+    for name in ["read", "query", "summarize", "info", "convert", "passkey", "train"]:
         assert name in r.stdout
         sub = cli(name, "--help")
         assert sub.exit_code == 0 and "Usage: infini " + name in " ".join(sub.stdout.split())
@@ -297,3 +297,10 @@ def test_interrupt_kill_and_resume_as_a_real_subprocess(tiny, tmp_path):
     final, meta = load_state(state, model)
     assert meta["complete"] == "1"
     assert same_state(final, reference_cache(model, tok.encode(text)))
+
+
+def test_train_and_passkey_errors_are_one_line(tmp_path):
+    r = cli("passkey", "--model", tmp_path / "nothing-here", "--lengths", "1k", "--trials", "1")
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+    r = cli("train", tmp_path / "run", "--mix", "lm=1,bogus=1", "--tokenizer", tmp_path)
+    assert r.exit_code != 0 and "Traceback" not in r.output
