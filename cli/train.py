@@ -13,10 +13,14 @@ def _pair(s: str):
 
 
 def _mix(s: str):
+    from infini_mlx.train import TASKS
+
     out = {}
     for part in s.split(","):
-        k, v = part.split("=")
-        out[k.strip()] = float(v)
+        k, _, v = part.partition("=")
+        if k.strip() not in TASKS:
+            raise typer.BadParameter(f"unknown task {k.strip()!r} in --mix; known: {', '.join(TASKS)}")
+        out[k.strip()] = float(v or 1)
     return out
 
 

@@ -440,6 +440,8 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
     else:
         if not args.tokenizer:
             raise ValueError("a new model needs --tokenizer")
+        if not any((Path(args.tokenizer) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+            raise ValueError(f"{args.tokenizer}: no tokenizer.json or tokenizer.model there")
         tokenizer = load_tokenizer(Path(args.tokenizer))
         infini = InfiniConfig.from_dict(args.infini)
         model, config = new_model(args.arch, infini, len(tokenizer.vocab), args.seed)

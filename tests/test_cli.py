@@ -303,4 +303,6 @@ def test_train_and_passkey_errors_are_one_line(tmp_path):
     r = cli("passkey", "--model", tmp_path / "nothing-here", "--lengths", "1k", "--trials", "1")
     assert r.exit_code == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
     r = cli("train", tmp_path / "run", "--mix", "lm=1,bogus=1", "--tokenizer", tmp_path)
-    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert r.exit_code != 0 and "unknown task 'bogus'" in r.output and "Traceback" not in r.output
+    r = cli("train", tmp_path / "run", "--tokenizer", tmp_path)
+    assert r.exit_code == 1 and "no tokenizer.json" in r.stderr and r.stderr.count("\n") == 1
