@@ -266,9 +266,9 @@ def memory_disabled(model):
 
 
 def perplexity(model, tokens: np.ndarray, block: Optional[int] = None) -> float:
-    """Perplexity of ``tokens`` streamed through the caches, one segment per block."""
+    """Perplexity of ``tokens`` streamed through the caches in segment-aligned blocks."""
     cache = model.make_cache()
-    block = block or cache[0].segment_len
+    block = block or block_len(cache, 512)
     nll, n = 0.0, 0
     for a in range(0, len(tokens) - 1, block):
         x = mx.array(tokens[a : min(a + block, len(tokens) - 1)])[None]

@@ -163,3 +163,25 @@ def test_parsers():
     assert [parse_length(s) for s in ["4k", "32K", "1m", "300", "0.5k"]] == [4096, 32768, 1 << 20, 300, 512]
     assert parse_depths("start,middle,end") == {"start": 0.0, "middle": 0.5, "end": 1.0}
     assert list(parse_depths("sweep:3").values()) == [0.0, 0.5, 1.0]
+
+
+def test_perplexity_streams_what_the_whole_sequence_scores():
+    import mlx.nn as nn
+    from tiny import make_infini
+
+    from infini_mlx.passkey import memory_disabled, perplexity
+
+    model, config = make_infini("llama", seed=3, segment_len=16)
+    vocab = config["vocab_size"]
+    tokens = np.random.default_rng(0).integers(0, vocab, 200).astype(np.int32)
+    x, y = mx.array(tokens[:-1])[None], mx.array(tokens[1:])[None]
+
+    def whole():  # no cache: the training-time segment recurrence, in one call
+        return float(np.exp(nn.losses.cross_entropy(model(x), y).mean().item()))
+
+    assert abs(perplexity(model, tokens) - whole()) < 1e-3 * whole()
+    with memory_disabled(model):
+        off = perplexity(model, tokens)
+    for layer in model.model.layers:
+        layer.self_attn.gate = mx.full(layer.self_attn.gate.shape, -1e9)
+    assert abs(off - whole()) < 1e-3 * off
