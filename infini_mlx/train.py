@@ -423,8 +423,14 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
     model's shape: ``checkpoint_every``, ``eval_every``, ``eval_segments``).
     """
     run = Path(args.out)
-    run.mkdir(parents=True, exist_ok=True)
     ckpt = run / CKPT
+    if not ckpt.exists() and not args.init:
+        # Checked before anything is written, so a bad call leaves no run directory.
+        if not args.tokenizer:
+            raise ValueError("a new model needs --tokenizer")
+        if not any((Path(args.tokenizer) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+            raise ValueError(f"{args.tokenizer}: no tokenizer.json or tokenizer.model there")
+    run.mkdir(parents=True, exist_ok=True)
     # seconds: wall clock between steps (pauses included); cpu_seconds: process CPU time.
     trainer: Dict[str, Any] = {"step": 0, "seconds": 0.0, "cpu_seconds": 0.0, "tokens": 0, "log": []}
     if ckpt.exists():
@@ -438,10 +444,6 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
     elif args.init:
         model, tokenizer, config = load(args.init, infini=args.infini or None, return_config=True)
     else:
-        if not args.tokenizer:
-            raise ValueError("a new model needs --tokenizer")
-        if not any((Path(args.tokenizer) / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-            raise ValueError(f"{args.tokenizer}: no tokenizer.json or tokenizer.model there")
         tokenizer = load_tokenizer(Path(args.tokenizer))
         infini = InfiniConfig.from_dict(args.infini)
         model, config = new_model(args.arch, infini, len(tokenizer.vocab), args.seed)

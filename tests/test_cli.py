@@ -306,3 +306,4 @@ def test_train_and_passkey_errors_are_one_line(tmp_path):
     assert r.exit_code != 0 and "unknown task 'bogus'" in r.output and "Traceback" not in r.output
     r = cli("train", tmp_path / "run", "--tokenizer", tmp_path)
     assert r.exit_code == 1 and "no tokenizer.json" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "run").exists()
