@@ -1,8 +1,8 @@
 """Passkey and multi-key needle retrieval, and perplexity with memory on and off.
 
-Prompts are streamed segment by segment into the model's caches (a batch of
-trials at once), so memory in use does not depend on the prompt's length.
-Only the last token's logits are ever computed during a prefill.
+Prompts are streamed in segment-aligned blocks into the model's caches (a batch
+of trials at once), so memory in use does not depend on the prompt's length.
+Logits are computed for the last block of a prefill only (the whole block).
 """
 
 import itertools

@@ -28,7 +28,7 @@ def prefill(
     progress: Optional[Callable[[int], None]] = None,
     block_size: int = 512,
 ) -> Optional[mx.array]:
-    """Feed ``tokens`` through ``model`` one segment at a time, updating ``cache``.
+    """Feed ``tokens`` through ``model`` in segment-aligned blocks, updating ``cache``.
 
     Blocks are aligned to segment boundaries (see ``block_len``), and the state
     is evaluated after each, so the graph and the memory in use stay bounded by
