@@ -7,7 +7,26 @@ import mlx.nn as nn
 
 from .cache import InfiniCache
 from .config import InfiniConfig
-from .memory import group_heads, memory_delta, retrieve, sigma, ungroup_heads
+from .conv import ShortConv
+from .memory import (
+    delta_rule,
+    group_heads,
+    l2_normalize,
+    memory_delta,
+    retrieve,
+    sigma,
+    ungroup_heads,
+)
+
+# Parameters InfiniAttention adds to a base attention module (its own names).
+NEW_PARAMETERS = ("gate", "q_conv1d", "k_conv1d", "v_conv1d", "b_proj", "o_norm")
+
+
+def is_new_parameter(path: str, _=None) -> bool:
+    """Whether a parameter path ("model.layers.0.self_attn.gate") is one Infini adds."""
+    parts = path.split(".")
+    return "self_attn" in parts[:-1] and parts[parts.index("self_attn") + 1] in NEW_PARAMETERS
+
 
 # InfiniConfig.gate_act: beta -> the weight of the gated side.
 GATE_ACTS = {
@@ -23,8 +42,12 @@ class InfiniAttention(nn.Module):
 
     The base module's children (``q_proj``/``k_proj``/``v_proj``/``o_proj`` or a
     fused ``qkv_proj``, optional ``q_norm``/``k_norm``, ``rope``) are adopted
-    under their own names, so Hugging Face weight names are unchanged; the only
-    new parameter is ``gate``, one logit beta per query head.
+    under their own names, so Hugging Face weight names are unchanged. New
+    parameters: ``gate``, one logit beta per query head; with
+    ``config.conv_size``, ``q_conv1d``/``k_conv1d``/``v_conv1d`` (identity at
+    first); with the normalised memory, ``b_proj`` (per-token write strength
+    per KV head, sigmoid(0) = 0.5 at first) and ``o_norm`` (RMSNorm of the
+    read-out), named as in flash-linear-attention's DeltaNet.
 
     Args:
         base: The mlx-lm attention module to replace (quantized or not).
@@ -45,6 +68,15 @@ class InfiniAttention(nn.Module):
         self.window = window
         self.config = config
         self.gate = mx.full((self.n_heads,), config.gate_init, mx.float32)
+        d_in, d_q, d_k, d_v = _dims(base, self.n_heads, self.n_kv_heads)
+        if config.conv_size:
+            self.q_conv1d = ShortConv(d_q, config.conv_size)
+            self.k_conv1d = ShortConv(d_k, config.conv_size)
+            self.v_conv1d = ShortConv(d_v, config.conv_size)
+        if config.memory == "normalized":
+            self.b_proj = nn.Linear(d_in, self.n_kv_heads, bias=False)
+            self.b_proj.weight = mx.zeros_like(self.b_proj.weight)
+            self.o_norm = nn.RMSNorm(d_v // self.n_kv_heads, eps=1e-6)
 
     def _project(self, x: mx.array):
         B, L, _ = x.shape
@@ -90,28 +122,54 @@ class InfiniAttention(nn.Module):
         p = mx.softmax(s.astype(mx.float32), axis=-1).astype(v.dtype)
         return (p @ mx.expand_dims(v, 2)).reshape(B, H, qL, -1)
 
-    def _block(self, q, k, v, cache: InfiniCache):
+    def _memory_inputs(self, x, q, k, v, cache: InfiniCache):
+        """The q, k, v (and write strengths) that read and write the memory, for a whole call."""
+        if self.config.conv_size:
+            B, _, L, _ = q.shape
+            outs = []
+            for t, name in ((q, "conv_q"), (k, "conv_k"), (v, "conv_v")):
+                t = t.transpose(0, 2, 1, 3).reshape(B, L, -1)
+                prev = cache.conv_state(name, B, self.config.conv_size, t.shape[-1], t.dtype)
+                y, last = self[name[-1] + "_conv1d"](t, prev)
+                setattr(cache, name, last)
+                outs.append(y.reshape(B, L, -1, q.shape[-1]).transpose(0, 2, 1, 3))
+            q, k, v = outs
+        beta = None
+        if self.config.memory == "normalized":
+            beta = mx.sigmoid(self.b_proj(x).astype(mx.float32)).transpose(0, 2, 1)
+        return q, k, v, beta
+
+    def _read_write(self, qm, km, vm, beta, cache: InfiniCache):
+        """Read the memory as it was when the segment began; write the block into it."""
+        cfg = self.config
+        M, z = cache.memory(qm.shape[0], self.n_kv_heads, km.shape[-1], vm.shape[-1])
+        if cfg.memory == "normalized":
+            sq = group_heads(l2_normalize(nn.silu(qm)), self.n_kv_heads, cfg.gqa_memory)
+            mem = self.o_norm(ungroup_heads(sq @ M[:, :, None], cfg.gqa_memory))
+            cache.accumulate(delta_rule(cache.running(), l2_normalize(nn.silu(km)), vm, beta), None)
+            return mem
+        sq = group_heads(sigma(qm, cfg.feature_map), self.n_kv_heads, cfg.gqa_memory)
+        mem = retrieve(sq, M[:, :, None], z[:, :, None], cfg.first_segment, cfg.eps)
+        cache.accumulate(
+            *memory_delta(
+                sigma(km, cfg.feature_map), vm, M, z, cfg.update, cfg.first_segment, cfg.eps
+            )
+        )
+        return ungroup_heads(mem, cfg.gqa_memory)
+
+    def _block(self, q, k, v, qm, km, vm, beta, cache: InfiniCache):
         """One block of tokens that lies inside a single segment."""
         cfg = self.config
-        B, _, L, D = q.shape
         start = cache.segment_pos
         pos = start if cfg.rope_mode == "segment" else cache.offset
         q_rot = self.rope(q, offset=pos)
         k_rot = self.rope(k, offset=pos)
-        qm, km = (q_rot, k_rot) if cfg.memory_rope else (q, k)
+        if cfg.memory_rope:
+            qm, km = q_rot, k_rot
 
-        M, z = cache.memory(B, self.n_kv_heads, k.shape[-1], v.shape[-1])
         keys, values = cache.update_and_fetch(k_rot, v)
         local = self._local(q_rot, keys, values, start)
-
-        sq = group_heads(sigma(qm, cfg.feature_map), self.n_kv_heads, cfg.gqa_memory)
-        mem = retrieve(sq, M[:, :, None], z[:, :, None], cfg.first_segment, cfg.eps)
-        mem = ungroup_heads(mem, cfg.gqa_memory)
-        cache.accumulate(
-            *memory_delta(
-                sigma(km, cfg.feature_map), v, M, z, cfg.update, cfg.first_segment, cfg.eps
-            )
-        )
+        mem = self._read_write(qm, km, vm, beta, cache)
         cache.fold_if_full()
 
         g = GATE_ACTS[cfg.gate_act](self.gate.astype(mx.float32))[:, None, None]
@@ -127,11 +185,34 @@ class InfiniAttention(nn.Module):
         B, L, _ = x.shape
         q, k, v = self._project(x)
         if cache is None:
-            cache = InfiniCache(self.config.segment_len)
+            cache = InfiniCache(self.config.segment_len, self.config.memory)
+        qm, km, vm, beta = self._memory_inputs(x, q, k, v, cache)
         outs, a = [], 0
         while a < L:
             b = min(L, a + self.config.segment_len - cache.segment_pos)
-            outs.append(self._block(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], cache))
+            s = slice(a, b)
+            outs.append(
+                self._block(
+                    q[:, :, s], k[:, :, s], v[:, :, s], qm[:, :, s], km[:, :, s], vm[:, :, s],
+                    None if beta is None else beta[:, :, s], cache,
+                )
+            )
             a = b
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def _dims(base: nn.Module, H: int, Hkv: int):
+    """(input, query, key, value) dims of a base attention module's projections."""
+
+    def io(lin):
+        d_out, d_in = lin.weight.shape
+        bits = getattr(lin, "bits", None)
+        return (d_in * 32 // bits if bits else d_in), d_out
+
+    if "qkv_proj" in base:
+        d_in, d_out = io(base.qkv_proj)
+        D = d_out // (H + 2 * Hkv)
+        return d_in, H * D, Hkv * D, Hkv * D
+    d_in, d_q = io(base.q_proj)
+    return d_in, d_q, io(base.k_proj)[1], io(base.v_proj)[1]

@@ -9,7 +9,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
 
-STATE_NAMES = ("keys", "values", "M", "z", "dM", "dz")
+STATE_NAMES = ("keys", "values", "M", "z", "dM", "dz", "conv_q", "conv_k", "conv_v")
 
 
 class InfiniCache(_BaseCache):
@@ -19,19 +19,26 @@ class InfiniCache(_BaseCache):
     for local attention. ``M``/``z`` hold every earlier segment. ``dM``/``dz``
     accumulate the current segment's contribution (computed against the memory
     as it was when the segment began) and are folded into ``M``/``z`` exactly
-    once, when the segment is full.
+    once, when the segment is full. With the normalised memory there is no z,
+    and ``dM`` is the memory after the segment's tokens so far, which replaces
+    ``M`` at the fold. ``conv_q``/``conv_k``/``conv_v`` hold the last inputs of
+    the memory's short convolution, if the model has one.
 
     Args:
         segment_len: Tokens per segment.
+        memory: ``InfiniConfig.memory``: ``"paper"`` or ``"normalized"``.
     """
 
     step = 256
 
-    def __init__(self, segment_len: int):
+    def __init__(self, segment_len: int, memory: str = "paper"):
         self.segment_len = segment_len
+        self.form = memory
+        self.additive = memory == "paper"
         self.offset = 0
         self.keys = self.values = None
         self.M = self.z = self.dM = self.dz = None
+        self.conv_q = self.conv_k = self.conv_v = None
 
     # Position of the next token inside its segment.
     @property
@@ -41,8 +48,17 @@ class InfiniCache(_BaseCache):
     def memory(self, B: int, H: int, Dk: int, Dv: int):
         if self.M is None:
             self.M = mx.zeros((B, H, Dk, Dv), mx.float32)
-            self.z = mx.zeros((B, H, Dk), mx.float32)
+            if self.additive:
+                self.z = mx.zeros((B, H, Dk), mx.float32)
         return self.M, self.z
+
+    def running(self) -> mx.array:
+        """The normalised memory after the current segment's tokens so far."""
+        return self.M if self.dM is None else self.dM
+
+    def conv_state(self, name: str, B: int, W: int, C: int, dtype) -> mx.array:
+        prev = getattr(self, name)
+        return mx.zeros((B, W - 1, C), dtype) if prev is None else prev
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Append a block of the current segment; return the segment's KV so far."""
@@ -68,8 +84,11 @@ class InfiniCache(_BaseCache):
         self.values[..., prev : prev + L, :] = values
         return self.keys[..., : prev + L, :], self.values[..., : prev + L, :]
 
-    def accumulate(self, dM: mx.array, dz: mx.array):
-        if self.dM is None:
+    def accumulate(self, dM: mx.array, dz: Optional[mx.array]):
+        """Add a block's contribution; for the normalised memory, dM is the new running memory."""
+        if not self.additive:
+            self.dM = dM
+        elif self.dM is None:
             self.dM, self.dz = dM, dz
         else:
             self.dM, self.dz = self.dM + dM, self.dz + dz
@@ -78,7 +97,10 @@ class InfiniCache(_BaseCache):
         """Fold the finished segment into (M, z) and start an empty one."""
         if self.segment_pos != 0 or self.dM is None:
             return
-        self.M, self.z = self.M + self.dM, self.z + self.dz
+        if self.additive:
+            self.M, self.z = self.M + self.dM, self.z + self.dz
+        else:
+            self.M = self.dM
         self.dM = self.dz = None
         self.keys = self.values = None
 

@@ -13,6 +13,7 @@ _CHOICES = {
     "gate_weights": ("memory", "local"),
     "gate_act": ("sigmoid", "tanh", "hard_sigmoid", "tanh_abs"),
     "feature_map": ("elu1", "relu"),
+    "memory": ("paper", "normalized"),
 }
 
 
@@ -48,6 +49,18 @@ class InfiniConfig:
             a query ignore every key outside its support, so what it reads does
             not fade as filler accumulates in z; a query whose support no key
             touches reads 0, like an empty memory).
+        memory: The memory's form. ``"paper"``: (M, z) with Eqs. 7-9 as set by
+            ``update``, ``feature_map``, ``first_segment`` and ``eps``.
+            ``"normalized"`` (a deviation, after DeltaNet): no z; q and k go
+            through SiLU and an L2 norm, each token writes with its own
+            strength beta_t = sigmoid(b_proj x_t) by the delta rule, token by
+            token (S <- S + beta_t k_t^T (v_t - k_t S)), and the read-out q S
+            passes an RMSNorm (``o_norm``). Reads still see the memory as it
+            was when the segment began; the options above it ignores.
+        conv_size: Width of a causal depthwise convolution over time applied
+            to the q, k and v that read and write the memory (0: none). Keys
+            then carry the tokens just before them, which ordered recall
+            needs. Local attention does not see it. Starts as the identity.
     """
 
     segment_len: int = 2048
@@ -61,11 +74,18 @@ class InfiniConfig:
     gate_weights: str = "memory"
     gate_act: str = "sigmoid"
     feature_map: str = "elu1"
+    memory: str = "paper"
+    conv_size: int = 0
 
     def __post_init__(self):
         if int(self.segment_len) < 1:
             raise ValueError(f"segment_len must be >= 1, got {self.segment_len}")
         self.segment_len = int(self.segment_len)
+        if int(self.conv_size) < 0:
+            raise ValueError(f"conv_size must be >= 0, got {self.conv_size}")
+        self.conv_size = int(self.conv_size)
+        if self.memory_rope and (self.conv_size or self.memory == "normalized"):
+            raise ValueError("memory_rope goes with the paper's memory and no convolution only")
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(

@@ -63,3 +63,83 @@ def memory_delta(
     if update == "delta":
         v = v - retrieve(sk, M, z, first_segment, eps)
     return sk.swapaxes(-1, -2) @ v, sk.sum(axis=-2)
+
+
+# ---- the normalised memory (InfiniConfig.memory = "normalized") ----
+# A deviation from the paper, after DeltaNet (Yang et al., 2024): no z, so what a
+# key wrote does not fade as others are written; the delta rule runs token by token.
+
+
+def l2_normalize(x: mx.array, eps: float = 1e-6) -> mx.array:
+    """x / ||x|| over the last axis, in float32."""
+    x = x.astype(mx.float32)
+    return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)
+
+
+def short_conv(x: mx.array, prev: mx.array, w: mx.array):
+    """Causal depthwise convolution over time.
+
+    Args:
+        x: (B, L, C) inputs.
+        prev: (B, W - 1, C) the inputs just before ``x`` (zeros at the start).
+        w: (C, W) one filter per channel; ``w[:, -1]`` weighs the current input.
+
+    Returns:
+        ``(y, last)``: (B, L, C) outputs and the last W - 1 inputs, the next ``prev``.
+    """
+    W = w.shape[1]
+    L = x.shape[1]
+    xp = mx.concatenate([prev.astype(x.dtype), x], axis=1)
+    w = w.astype(x.dtype)
+    y = sum(xp[:, i : i + L] * w[:, i] for i in range(W))
+    return y, xp[:, xp.shape[1] - (W - 1) :]
+
+
+@mx.custom_function
+def _unit_lower_solve(A: mx.array, R: mx.array) -> mx.array:
+    """U with (I + A) U = R, A strictly lower triangular (batched)."""
+    I = mx.eye(A.shape[-1], dtype=A.dtype)
+    return mx.linalg.solve_triangular(I + A, R, upper=False, stream=mx.cpu)
+
+
+@_unit_lower_solve.vjp
+def _unit_lower_solve_vjp(primals, cotangent, output):
+    # MLX has no vjp for triangular solves: dR = (I + A)^-T dU, dA = -tril(dR U^T, -1).
+    A, _ = primals
+    I = mx.eye(A.shape[-1], dtype=A.dtype)
+    dR = mx.linalg.solve_triangular(
+        (I + A).swapaxes(-1, -2), cotangent, upper=True, stream=mx.cpu
+    )
+    dA = -mx.tril(dR @ output.swapaxes(-1, -2), -1)
+    return dA, dR
+
+
+def delta_rule(
+    S: mx.array, k: mx.array, v: mx.array, beta: mx.array, chunk: int = 64
+) -> mx.array:
+    """The memory after writing a block token by token with the delta rule.
+
+    For each token t in order: S <- S + beta_t k_t^T (v_t - k_t S). Computed in
+    chunks with the WY form (DeltaNet): inside a chunk, (I + tril(diag(beta) K K^T, -1)) U
+    = diag(beta) (V - K S) gives every token's correction U at once, S' = S + K^T U.
+
+    Args:
+        S: (..., Dk, Dv) memory before the block (float32).
+        k: (..., L, Dk) L2-normalised keys.
+        v: (..., L, Dv) values.
+        beta: (..., L) write strengths in (0, 1).
+        chunk: Tokens per triangular solve.
+
+    Returns:
+        (..., Dk, Dv) the memory after the block.
+    """
+    k, v, beta = k.astype(mx.float32), v.astype(mx.float32), beta.astype(mx.float32)
+    L = k.shape[-2]
+    for a in range(0, L, chunk):
+        K, V = k[..., a : a + chunk, :], v[..., a : a + chunk, :]
+        b = beta[..., a : a + chunk, None]
+        R = b * (V - K @ S)
+        if K.shape[-2] > 1:
+            R = _unit_lower_solve(mx.tril(b * (K @ K.swapaxes(-1, -2)), -1), R)
+        S = S + K.swapaxes(-1, -2) @ R
+    return S

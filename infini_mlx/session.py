@@ -244,7 +244,7 @@ class InfiniSession:
         a cache writes its pending keys and values in place."""
         out = []
         for c in self.cache:
-            f = InfiniCache(c.segment_len)
+            f = InfiniCache(c.segment_len, c.form)
             f.offset = c.offset
             f.state = tuple(None if a is None else mx.array(a) for a in c.state)
             out.append(f)

@@ -22,6 +22,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import _get_classes, load_tokenizer
 
+from .attention import is_new_parameter
 from .config import InfiniConfig
 from .data import BOOKS_DIR, HELD_OUT_BOOKS, TRAIN_BOOKS, book_tokens
 from .tasks import (
@@ -320,12 +321,16 @@ def make_optimizer(args: TrainArgs):
         warm = optim.linear_schedule(lr * 0.01, lr, args.warmup)
         return optim.join_schedules([warm, rest], [args.warmup])
 
+    # Gates: their own rate; the memory's other new parameters (convolutions, write
+    # strengths, read-out norm): the body's rate without decay, which would pull
+    # the convolutions away from their identity start; the rest: AdamW.
     return optim.MultiOptimizer(
         [
             optim.Adam(learning_rate=schedule(args.gate_lr)),
+            optim.Adam(learning_rate=schedule(args.lr)),
             optim.AdamW(learning_rate=schedule(args.lr), weight_decay=args.weight_decay),
         ],
-        [is_gate],
+        [is_gate, is_new_parameter],
     )
 
 

@@ -61,6 +61,6 @@ def upcycle(model: nn.Module, model_type: str, config: InfiniConfig) -> nn.Modul
         sliding = getattr(layer, "use_sliding", False) or getattr(attn, "is_sliding", False)
         layer.self_attn = InfiniAttention(attn, config, window if sliding else None)
     n = len(model.layers)
-    model.make_cache = lambda: [InfiniCache(config.segment_len) for _ in range(n)]
+    model.make_cache = lambda: [InfiniCache(config.segment_len, config.memory) for _ in range(n)]
     model.infini_config = config
     return model

@@ -18,7 +18,7 @@ from mlx_lm.utils import (
     save_model,
 )
 
-from .attention import InfiniAttention
+from .attention import NEW_PARAMETERS, InfiniAttention, is_new_parameter
 from .config import InfiniConfig
 from .upcycle import upcycle
 
@@ -54,8 +54,9 @@ def resolve_model_path(path_or_hf_repo: Optional[Union[str, Path]]) -> Path:
         ) from None
 
 
-def _gate_keys(model: nn.Module):
-    return [k for k, _ in tree_flatten(model.parameters()) if k.endswith("self_attn.gate")]
+def _new_parameters(model: nn.Module):
+    """The parameters Infini adds (gates, convolutions, ...), saved in GATES_FILE."""
+    return {k: v for k, v in tree_flatten(model.parameters()) if is_new_parameter(k)}
 
 
 def load(
@@ -92,9 +93,13 @@ def load(
     gates_file = model_path / GATES_FILE
     if gates_file.exists():
         gates = mx.load(str(gates_file))
-        missing = set(_gate_keys(model)) - set(gates)
-        if missing:
-            raise ValueError(f"{gates_file} lacks {len(missing)} gates, e.g. {min(missing)}")
+        missing = set(_new_parameters(model)) - set(gates)
+        saved = InfiniConfig.from_dict(config.get("infini"))
+        # Options that add parameters may be switched on for fine-tuning: those start fresh.
+        if missing and (saved.memory, saved.conv_size) == (cfg.memory, cfg.conv_size):
+            raise ValueError(
+                f"{gates_file} lacks {len(missing)} Infini parameters, e.g. {min(missing)}"
+            )
         model.load_weights(list(gates.items()), strict=False)
     if not lazy:
         mx.eval(model.parameters())
@@ -111,14 +116,15 @@ def load(
 
 @contextmanager
 def _gates_removed(model: nn.Module):
-    """Hide the gates so mlx-lm's save_model writes only the base weights."""
+    """Hide the Infini parameters so mlx-lm's save_model writes only the base weights."""
     attns = [l.self_attn for l in model.layers if isinstance(l.self_attn, InfiniAttention)]
-    gates = [a.pop("gate") for a in attns]
+    hidden = [{n: a.pop(n) for n in NEW_PARAMETERS if n in a} for a in attns]
     try:
         yield
     finally:
-        for a, g in zip(attns, gates):
-            a["gate"] = g
+        for a, h in zip(attns, hidden):
+            for name, value in h.items():
+                a[name] = value
 
 
 def save(
@@ -150,7 +156,7 @@ def save(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        gates = {k: v for k, v in tree_flatten(model.parameters()) if k.endswith("self_attn.gate")}
+        gates = _new_parameters(model)
         with _gates_removed(model):
             save_model(tmp, model)
         mx.save_safetensors(str(tmp / GATES_FILE), gates, metadata={"format": "mlx"})

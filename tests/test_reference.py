@@ -27,12 +27,40 @@ def np_rope(x, positions, base=10000.0):
     return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
 
-def np_infini(x, Wq, Wk, Wv, Wo, beta, cfg):
+def np_conv(x, w):
+    # Causal depthwise conv over time: y[t] = sum_i w[:, i] x[t - (W - 1) + i], zeros before 0.
+    W = w.shape[1]
+    xp = np.concatenate([np.zeros((x.shape[0], W - 1, x.shape[2])), x], axis=1)
+    return sum(xp[:, i : i + x.shape[1]] * w[:, i] for i in range(W))
+
+
+def np_silu(x):
+    return x / (1 + np.exp(-x))
+
+
+def np_l2(x):
+    return x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
+
+
+def np_infini(x, Wq, Wk, Wv, Wo, beta, cfg, extra=None):
     Bx, Lx, _ = x.shape
     R = H // HKV
-    q = (x @ Wq.T).reshape(Bx, Lx, H, D).transpose(0, 2, 1, 3)
-    k = (x @ Wk.T).reshape(Bx, Lx, HKV, D).transpose(0, 2, 1, 3)
-    v = (x @ Wv.T).reshape(Bx, Lx, HKV, D).transpose(0, 2, 1, 3)
+    extra = extra or {}
+
+    def heads(t, n):
+        return t.reshape(Bx, Lx, n, D).transpose(0, 2, 1, 3)
+
+    qp, kp, vp = x @ Wq.T, x @ Wk.T, x @ Wv.T
+    q, k, v = heads(qp, H), heads(kp, HKV), heads(vp, HKV)
+    # The memory's q, k, v: after the short convolution, if there is one (no RoPE either way).
+    qm, km, vm = q, k, v
+    if "conv" in extra:
+        wq, wk, wv = extra["conv"]
+        qm, km, vm = heads(np_conv(qp, wq), H), heads(np_conv(kp, wk), HKV), heads(np_conv(vp, wv), HKV)
+    normalized = cfg.get("memory") == "normalized"
+    if normalized:
+        qm, km = np_l2(np_silu(qm)), np_l2(np_silu(km))
+        wb = 1 / (1 + np.exp(-(x @ extra["b_proj"].T)))  # (B, L, HKV) write strengths
     # Which memory (KV head) each query head reads.
     kv_of = [h // R if cfg["gqa"] == "interleave" else h % HKV for h in range(H)]
     M = np.zeros((Bx, HKV, D, D))
@@ -61,13 +89,24 @@ def np_infini(x, Wq, Wk, Wv, Wo, beta, cfg):
             p = np.exp(sc - sc.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
             local = p @ vs[:, a]
-            # A_mem (Eq. 7): un-rotated Q against the memory of segments < s.
-            mem = read(np_sigma(qs[:, h]), M[:, j], z[:, j])
+            if normalized:
+                # q S of the memory as the segment began, then RMSNorm with its weight.
+                r = qm[:, h, s0:s1] @ M[:, j]
+                mem = r / np.sqrt((r * r).mean(-1, keepdims=True) + 1e-6) * extra["o_norm"]
+            else:
+                # A_mem (Eq. 7): un-rotated Q against the memory of segments < s.
+                mem = read(np_sigma(qm[:, h, s0:s1]), M[:, j], z[:, j])
             out[:, h, s0:s1] = g[h] * mem + (1 - g[h]) * local
         if n < N:
             break  # the partial last segment stays pending
-        sk = np_sigma(ks)  # un-rotated K
-        upd = vs - read(sk, M, z) if cfg["update"] == "delta" else vs
+        if normalized:
+            for t in range(s0, s1):  # the delta rule, one token at a time
+                kt, vt = km[:, :, t, :, None], vm[:, :, t, None, :]  # (B, HKV, D, 1), (B, HKV, 1, D)
+                err = vt - kt.transpose(0, 1, 3, 2) @ M
+                M = M + wb[:, t, :, None, None] * kt @ err
+            continue
+        sk = np_sigma(km[:, :, s0:s1])  # un-rotated K
+        upd = vm[:, :, s0:s1] - read(sk, M, z) if cfg["update"] == "delta" else vm[:, :, s0:s1]
         M = M + sk.transpose(0, 1, 3, 2) @ upd
         z = z + sk.sum(axis=2)
     y = out.transpose(0, 2, 1, 3).reshape(Bx, Lx, H * D) @ Wo.T
@@ -81,10 +120,13 @@ CASES = [
     dict(update="delta", gqa="interleave", rope="segment", first="zero"),
     dict(update="delta", gqa="tile", rope="absolute", first="zero"),
     dict(update="linear", gqa="tile", rope="segment", first="eps"),
+    dict(update="delta", gqa="interleave", rope="segment", first="zero", conv=3),
+    dict(update="delta", gqa="interleave", rope="segment", first="zero", memory="normalized"),
+    dict(update="delta", gqa="tile", rope="absolute", first="zero", memory="normalized", conv=4),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(c.values()))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c.values())))
 def test_layer_matches_numpy_reference(case):
     args = llama.ModelArgs(
         model_type="llama",
@@ -105,12 +147,24 @@ def test_layer_matches_numpy_reference(case):
         gqa_memory=case["gqa"],
         rope_mode=case["rope"],
         first_segment=case["first"],
+        memory=case.get("memory", "paper"),
+        conv_size=case.get("conv", 0),
     )
     layer = InfiniAttention(base, cfg)
     layer.gate = mx.random.normal((H,))
+    extra = {}
+    if cfg.conv_size:  # random filters, not the identity they start as
+        for name in ("q_conv1d", "k_conv1d", "v_conv1d"):
+            layer[name].weight = mx.random.normal(layer[name].weight.shape) * 0.7
+        extra["conv"] = [np.array(layer[n].weight, np.float64) for n in ("q_conv1d", "k_conv1d", "v_conv1d")]
+    if cfg.memory == "normalized":
+        layer.b_proj.weight = mx.random.normal(layer.b_proj.weight.shape) * 0.5
+        layer.o_norm.weight = 1 + mx.random.normal(layer.o_norm.weight.shape) * 0.3
+        extra["b_proj"] = np.array(layer.b_proj.weight, np.float64)
+        extra["o_norm"] = np.array(layer.o_norm.weight, np.float64)
     x = mx.random.normal((B, L, DIM))
 
-    cache = InfiniCache(N)
+    cache = InfiniCache(N, cfg.memory)
     y = layer(x, cache=cache)
     mx.eval(y, cache.state)
 
@@ -119,12 +173,15 @@ def test_layer_matches_numpy_reference(case):
           ("v", base.v_proj.weight), ("o", base.o_proj.weight)]}
     y_ref, M_ref, z_ref = np_infini(
         np.array(x, dtype=np.float64), w["q"], w["k"], w["v"], w["o"],
-        np.array(layer.gate, dtype=np.float64), case,
+        np.array(layer.gate, dtype=np.float64), case, extra,
     )
     assert np.abs(np.array(y) - y_ref).max() <= 1e-4
     # The pending partial segment is not folded: M, z hold the 3 full segments.
     assert np.abs(np.array(cache.M) - M_ref).max() <= 1e-4 * max(1, np.abs(M_ref).max())
-    assert np.abs(np.array(cache.z) - z_ref).max() <= 1e-4 * max(1, np.abs(z_ref).max())
+    if cfg.memory == "paper":
+        assert np.abs(np.array(cache.z) - z_ref).max() <= 1e-4 * max(1, np.abs(z_ref).max())
+    else:
+        assert cache.z is None
     assert cache.offset == L and cache.segment_pos == L % N
 
 

@@ -9,8 +9,11 @@ from infini_mlx import StateFileError, load_state, prefill, save_state
 N = 8
 
 
-def test_round_trip_is_exact(tmp_path):
-    model, _ = make_infini("llama", segment_len=N)
+@pytest.mark.parametrize(
+    "form", [{}, dict(conv_size=4), dict(memory="normalized", conv_size=3)], ids=str
+)
+def test_round_trip_is_exact(tmp_path, form):
+    model, _ = make_infini("llama", segment_len=N, **form)
     tokens = mx.random.randint(0, VOCAB, (37,), key=mx.random.key(1)).tolist()
     cache = model.make_cache()
     prefill(model, tokens[:27], cache)  # 3 segments folded, 3 tokens pending

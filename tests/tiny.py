@@ -79,12 +79,17 @@ def make_base(family: str = "llama", seed: int = 0):
 
 
 def make_infini(family: str = "llama", seed: int = 0, **infini):
-    """A random Infini model; gates drawn at random so both paths matter."""
+    """A random Infini model; gates (and convolutions, write strengths) drawn at random."""
     model, config = make_base(family, seed)
     upcycle(model, config["model_type"], InfiniConfig(**infini))
     for i, layer in enumerate(model.layers):
-        g = layer.self_attn.gate
-        layer.self_attn.gate = mx.random.normal(g.shape, key=mx.random.key(100 + i))
+        a = layer.self_attn
+        a.gate = mx.random.normal(a.gate.shape, key=mx.random.key(100 + i))
+        # Convolutions and write strengths at random too, not at their identity/zero start.
+        for j, name in enumerate(("q_conv1d", "k_conv1d", "v_conv1d", "b_proj")):
+            if name in a:
+                w = a[name].weight
+                a[name].weight = 0.5 * mx.random.normal(w.shape, key=mx.random.key(200 + 10 * i + j))
     mx.eval(model.parameters())
     return model, config
 
