@@ -61,6 +61,9 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
     eval_every: Annotated[int, typer.Option(help="Steps between retrieval probes (0: off).")] = 0,
     eval_segments: Annotated[str, typer.Option(help="Segment counts the probe measures.")] = "2,8,32",
+    carry_state: Annotated[
+        float, typer.Option(help="Probability that a batch starts from the memory the last one ended with.")
+    ] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data stream.")] = 0,
     books: Annotated[
         Optional[str], typer.Option(help="Training book files to use, comma-separated (default: all five).")
@@ -99,6 +102,7 @@ def train(
         checkpoint_every=checkpoint_every,
         eval_every=eval_every,
         eval_segments=[int(x) for x in eval_segments.split(",")],
+        carry_state=carry_state,
         seed=seed,
     )
     if books_dir:

@@ -14,6 +14,7 @@ from .cache import InfiniCache
 from .reading import InputError, check_text_file, fingerprint
 from .state import StateFileError, load_state, model_fingerprint, read_state, save_state
 from .streaming import prefill
+from .tasks import plain_question
 from .utils import ModelNotFoundError, load
 
 # Cut out of a rendered chat template to find where the user's message goes.
@@ -287,7 +288,7 @@ class InfiniSession:
                 ``temp`` (0.0: greedy), ``top_p``, ``min_p``, ``top_k``, ``seed``.
         """
         plain = self.meta["prompt_format"] != "chat"
-        yield from self._generate(f"Question: {question}\nAnswer:" if plain else question, **kwargs)
+        yield from self._generate(plain_question(question) if plain else question, **kwargs)
 
     def stream_summarize(self, **kwargs) -> Iterator[str]:
         """Summarize what was read, yielding text as it is generated (see ``stream_ask``)."""

@@ -22,6 +22,11 @@ QUESTION = "What is the pass key? The pass key is"
 MAX_PASSKEY = 50000  # the original code draws randint(1, 50000)
 
 
+def plain_question(question: str) -> str:
+    """How ``InfiniSession`` asks a plain (non-chat) model (after a blank line)."""
+    return f"Question: {question}\nAnswer:"
+
+
 def info_line(key: int) -> str:
     return f"The pass key is {key}. Remember it. {key} is the pass key."
 

@@ -33,6 +33,7 @@ from .tasks import (
     needle_prompt,
     needle_question,
     passkey_prompt,
+    plain_question,
 )
 from .upcycle import upcycle
 from .utils import load, save
@@ -63,7 +64,8 @@ class TrainArgs:
             ``induct`` (book spans each repeated once: content-matched copying),
             ``recall`` (book text whose end repeats an earlier segment),
             ``repeat`` (a segment of passkey lines repeated segments later:
-            dense targets that only the memory can answer).
+            dense targets that only the memory can answer), ``qa`` (a passkey
+            line hidden in book text, asked as ``infini query`` asks).
         answer_weight: Loss weight of answer tokens (other tokens weigh 1).
         loss_positions: Score only this many target positions per sequence:
             every answer token plus a random sample of the rest (0: all). The
@@ -76,6 +78,10 @@ class TrainArgs:
         checkpoint_every: Steps between checkpoints.
         eval_every: Steps between retrieval evaluations (0: off).
         eval_segments: Segment counts at which retrieval is evaluated.
+        carry_state: Probability that a batch starts from the memory the
+            previous batch ended with (no gradient through it) instead of an
+            empty one: the model learns to read past earlier documents. Resuming
+            starts the first batch empty.
         seed: Seeds the initial weights and the data stream.
     """
 
@@ -105,6 +111,7 @@ class TrainArgs:
     checkpoint_every: int = 100
     eval_every: int = 0
     eval_segments: List[int] = field(default_factory=lambda: [2, 8, 32])
+    carry_state: float = 0.0
     seed: int = 0
 
     @classmethod
@@ -140,7 +147,7 @@ def new_model(arch: Dict[str, Any], infini: InfiniConfig, vocab_size: int, seed:
 
 # ---- data ----
 
-TASKS = ("lm", "passkey", "needle", "copy", "induct", "recall", "repeat")
+TASKS = ("lm", "passkey", "needle", "copy", "induct", "recall", "repeat", "qa")
 
 
 class Batches:
@@ -197,6 +204,20 @@ class Batches:
         second = np.cumsum(digits) > len(str(key))
         w[digits & second] = self.args.answer_weight
         return toks, w, n
+
+    def qa(self, T: int):
+        """A passkey line hidden in book text, then the question as ``infini query`` asks it."""
+        key = int(self.rng.integers(1, MAX_PASSKEY + 1))
+        info = self.pieces.word(info_line(key))
+        q = self.pieces.enc("\n\n" + plain_question("What is the pass key?"))
+        ans = self.answer(key)
+        n = T - len(info) - len(q) - len(ans)
+        i = int(self.rng.integers(0, len(self.books) - n))
+        cut = i + int(self.rng.integers(0, n + 1))
+        hay = self.books[i : i + n]
+        return self._sample(
+            [(hay[: cut - i], False), (info, False), (hay[cut - i :], False), (q, False), (ans, True)]
+        )
 
     def needle(self, T: int, n_facts: int = 4):
         """Facts in book text, then every fact asked and answered, in random order."""
@@ -338,21 +359,22 @@ def make_optimizer(args: TrainArgs):
 SUBSAMPLED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def logits_at(model, x, idx):
+def logits_at(model, x, idx, cache=None):
     """Logits at positions ``idx`` (B, P) only: the body runs on all of ``x``."""
-    h = model.model(x)
+    h = model.model(x, cache=cache)
     h = mx.take_along_axis(h, idx[..., None], axis=1)
     if getattr(model, "lm_head", None) is not None:
         return model.lm_head(h)
     return model.model.embed_tokens.as_linear(h)
 
 
-def weighted_loss(model, x, y, w, idx=None):
+def weighted_loss(model, x, y, w, idx=None, cache=None):
     """Token cross-entropy weighted by ``w``, normalised by the total weight.
 
-    With ``idx``, ``y`` and ``w`` hold only the targets at those positions.
+    With ``idx``, ``y`` and ``w`` hold only the targets at those positions;
+    ``cache`` (one ``InfiniCache`` per layer) is the memory to start from.
     """
-    logits = model(x) if idx is None else logits_at(model, x, idx)
+    logits = model(x, cache=cache) if idx is None else logits_at(model, x, idx, cache)
     ce = nn.losses.cross_entropy(logits, y)
     return (ce * w).sum() / w.sum()
 
@@ -471,10 +493,12 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
 
     loss_and_grad = nn.value_and_grad(model, weighted_loss)
 
-    def step_fn(x, y, w, idx):
-        loss, grads = loss_and_grad(model, x, y, w, idx)
+    def step_fn(x, y, w, idx, cache):
+        loss, grads = loss_and_grad(model, x, y, w, idx, cache)
         opt.update(model, clip_by_norm(grads, args.grad_clip))
         return loss
+
+    carried = None  # the memory the last batch ended with
 
     def checkpoint():
         trainer["rng"] = batches.rng.bit_generator.state
@@ -484,8 +508,17 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
     while trainer["step"] < args.steps:
         step = trainer["step"]
         x, y, w, idx = batches.next(step)
-        loss = step_fn(x, y, w, idx)
-        mx.eval(loss, model.parameters(), opt.state)
+        cache = None
+        if args.carry_state:
+            cache = model.make_cache()
+            go_on = batches.rng.random() < args.carry_state
+            if go_on and carried is not None and carried[0][0].shape[0] == x.shape[0]:
+                for c, (M, z) in zip(cache, carried):
+                    c.M, c.z = M, z
+        loss = step_fn(x, y, w, idx, cache)
+        if cache is not None:
+            carried = [(mx.stop_gradient(c.M), None if c.z is None else mx.stop_gradient(c.z)) for c in cache]
+        mx.eval(loss, model.parameters(), opt.state, carried)
         now, cpu = time.time(), time.process_time()
         trainer["seconds"] += now - t_last
         trainer["cpu_seconds"] = trainer.get("cpu_seconds", 0.0) + cpu - c_last
