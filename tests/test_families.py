@@ -8,16 +8,21 @@ from tiny import CONFIGS, VOCAB, make_base
 from infini_mlx import InfiniAttention, InfiniConfig, upcycle
 
 L = 20  # longer than the sliding windows of llama_swa and gemma3_text (8)
+# The paper's memory, and the normalised one with a convolution (its new parameters
+# start neutral: identity convolution, zero write-strength projection).
+FORMS = {"paper": {}, "normalized+conv": dict(memory="normalized", conv_size=4)}
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_local_gates_reproduce_base_model(family):
+def test_local_gates_reproduce_base_model(family, form):
     base, config = make_base(family)
     tokens = mx.random.randint(0, VOCAB, (2, L), key=mx.random.key(1))
     expected = base(tokens)
     mx.eval(expected)
 
-    model = upcycle(base, config["model_type"], InfiniConfig(segment_len=L, gate_init=-40.0))
+    cfg = InfiniConfig(segment_len=L, gate_init=-40.0, **FORMS[form])
+    model = upcycle(base, config["model_type"], cfg)
     assert all(isinstance(l.self_attn, InfiniAttention) for l in model.layers)
     assert mx.allclose(model(tokens), expected, atol=1e-4, rtol=0)
     # The same through the cache, in uneven chunks.
@@ -26,10 +31,11 @@ def test_local_gates_reproduce_base_model(family):
     assert mx.allclose(out, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_memory_streaming_per_family(family):
+def test_memory_streaming_per_family(family, form):
     base, config = make_base(family)
-    model = upcycle(base, config["model_type"], InfiniConfig(segment_len=6))
+    model = upcycle(base, config["model_type"], InfiniConfig(segment_len=6, **FORMS[form]))
     tokens = mx.random.randint(0, VOCAB, (1, L), key=mx.random.key(2))
     full = model(tokens)
     cache = model.make_cache()
@@ -37,14 +43,18 @@ def test_memory_streaming_per_family(family):
     assert mx.allclose(full, steps, atol=1e-4, rtol=0)
 
 
-def test_quantized_model_is_upcycled_with_its_quantized_projections():
+@pytest.mark.parametrize("form", FORMS)
+def test_quantized_model_is_upcycled_with_its_quantized_projections(form):
     base, config = make_base("llama")
     nn.quantize(base, group_size=32, bits=8)
     tokens = mx.random.randint(0, VOCAB, (1, L), key=mx.random.key(5))
     expected = base(tokens)
-    model = upcycle(base, "llama", InfiniConfig(segment_len=L, gate_init=-40.0))
+    model = upcycle(base, "llama", InfiniConfig(segment_len=L, gate_init=-40.0, **FORMS[form]))
     assert isinstance(model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
     assert mx.allclose(model(tokens), expected, atol=1e-4, rtol=0)
+    if form != "paper":  # the write strengths read the model's width, not the packed one
+        assert model.layers[0].self_attn.b_proj.weight.shape == (2, 64)
+        model(tokens, cache=model.make_cache())
 
 
 def test_unsupported_family_is_refused():

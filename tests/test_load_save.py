@@ -44,3 +44,33 @@ def test_missing_model_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="config.json"):
         infini_mlx.load(tmp_path / "empty")
+
+
+def test_new_memory_parameters_round_trip_and_fine_tuning_switch(tmp_path):
+    save_base(tmp_path / "base", "llama")
+    tokens = mx.random.randint(0, VOCAB, (1, 30), key=mx.random.key(2))
+    form = {"segment_len": 8, "memory": "normalized", "conv_size": 4}
+    model, tok, config = infini_mlx.load(tmp_path / "base", infini=form, return_config=True)
+    a = model.layers[0].self_attn
+    a.k_conv1d.weight = mx.random.normal(a.k_conv1d.weight.shape)
+    a.b_proj.weight = mx.random.normal(a.b_proj.weight.shape)
+    a.gate = mx.ones_like(a.gate)
+    expected = model(tokens)
+    infini_mlx.save(tmp_path / "out", model, tok, config)
+    again, _ = infini_mlx.load(tmp_path / "out")
+    assert mx.array_equal(again(tokens), expected)
+    assert mx.array_equal(again.layers[0].self_attn.k_conv1d.weight, a.k_conv1d.weight)
+
+    # A saved paper-form model fine-tuned with the new options: those start fresh.
+    paper, tok, config = infini_mlx.load(tmp_path / "base", infini={"segment_len": 8}, return_config=True)
+    infini_mlx.save(tmp_path / "paper", paper, tok, config)
+    switched, _ = infini_mlx.load(tmp_path / "paper", infini={"memory": "normalized", "conv_size": 4})
+    w = switched.layers[0].self_attn.q_conv1d.weight
+    assert mx.array_equal(w, mx.zeros_like(w).at[:, -1].add(1.0))
+    # ... but a file that should hold them and does not is refused.
+    (tmp_path / "out" / "infini.safetensors").unlink()
+    mx.save_safetensors(str(tmp_path / "out" / "infini.safetensors"), {
+        k: v for k, v in mx.load(str(tmp_path / "paper" / "infini.safetensors")).items()
+    })
+    with pytest.raises(ValueError, match="lacks"):
+        infini_mlx.load(tmp_path / "out")
