@@ -69,6 +69,16 @@ class InfiniAttention(nn.Module):
         self.config = config
         self.gate = mx.full((self.n_heads,), config.gate_init, mx.float32)
         d_in, d_q, d_k, d_v = _dims(base, self.n_heads, self.n_kv_heads)
+        # Per-row shapes of the streaming state, checked when a state file is loaded.
+        self.state_shapes = {
+            "M": (self.n_kv_heads, d_k // self.n_kv_heads, d_v // self.n_kv_heads),
+            "z": (self.n_kv_heads, d_k // self.n_kv_heads),
+            "keys": (self.n_kv_heads, None, d_k // self.n_kv_heads),
+            "values": (self.n_kv_heads, None, d_v // self.n_kv_heads),
+        }
+        if config.conv_size:
+            W = config.conv_size - 1
+            self.state_shapes.update(conv_q=(W, d_q), conv_k=(W, d_k), conv_v=(W, d_v))
         if config.conv_size:
             self.q_conv1d = ShortConv(d_q, config.conv_size)
             self.k_conv1d = ShortConv(d_k, config.conv_size)

@@ -54,6 +54,56 @@ def _atomic_save(path: Path, arrays: Dict[str, mx.array], metadata: Dict[str, st
             tmp.unlink()
 
 
+def _checksum(arrays: Dict[str, mx.array]) -> str:
+    """SHA-256 of every array's name, shape, dtype and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = arrays[name]
+        h.update(f"{name}:{a.shape}:{a.dtype};".encode())
+        h.update(np.array(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a).tobytes())
+    return h.hexdigest()
+
+
+def _check_arrays(path, arrays: Dict[str, mx.array], model: nn.Module, offset: int):
+    """Refuse arrays that do not fit the model: names, shapes, dtypes, finiteness."""
+    cfg = model.infini_config
+    pos = offset % cfg.segment_len
+    need = set()  # what a reading of `offset` tokens has written
+    if offset:
+        need = {"M", "z"} if cfg.memory == "paper" else {"M"}
+        need |= {"conv_q", "conv_k", "conv_v"} if cfg.conv_size else set()
+    if pos:
+        need |= {"keys", "values", "dM", "dz"} if cfg.memory == "paper" else {"keys", "values", "dM"}
+    rows = set()
+    for i, layer in enumerate(model.layers):
+        shapes = layer.self_attn.state_shapes
+        for name in STATE_NAMES:
+            a = arrays.get(f"layers.{i}.{name}")
+            if a is None:
+                if name in need:
+                    raise StateFileError(f"{path}: layer {i} has no {name}")
+                continue
+            base = "z" if name == "dz" else "M" if name == "dM" else name
+            want = shapes.get(base)
+            if want is None:
+                raise StateFileError(f"{path}: layer {i} has a {name} this model does not use")
+            if a.ndim != len(want) + 1 or any(w is not None and w != d for w, d in zip(want, a.shape[1:])):
+                raise StateFileError(f"{path}: layer {i} {name} has shape {a.shape}, the model needs (B, {want})")
+            if name in ("keys", "values") and a.shape[2] < pos:
+                raise StateFileError(f"{path}: layer {i} {name} holds fewer tokens than the offset says")
+            if name in ("M", "z", "dM", "dz") and a.dtype != mx.float32:
+                raise StateFileError(f"{path}: layer {i} {name} is {a.dtype}, not float32")
+            if not mx.issubdtype(a.dtype, mx.floating):
+                raise StateFileError(f"{path}: layer {i} {name} is {a.dtype}, not a float array")
+            if not mx.all(mx.isfinite(a)).item():
+                raise StateFileError(f"{path}: layer {i} {name} holds NaN or infinite values")
+            if name in ("z", "dz") and mx.any(a < 0).item():
+                raise StateFileError(f"{path}: layer {i} {name} is negative")
+            rows.add(a.shape[0])
+    if len(rows) > 1:
+        raise StateFileError(f"{path}: the layers' states disagree on the batch size")
+
+
 def save_state(
     path: Union[str, Path],
     cache: List[InfiniCache],
@@ -84,6 +134,7 @@ def save_state(
         num_layers=str(len(cache)),
         offset=str(cache[0].offset),
         tokens_read=str(cache[0].offset),
+        checksum=_checksum(arrays),
     )
     _atomic_save(Path(path), arrays, meta)
 
@@ -134,11 +185,20 @@ def load_state(
         )
     if meta.get("model_fingerprint") != (fingerprint or model_fingerprint(model)):
         raise StateFileError(f"{path}: state was written by another model")
-    n = int(meta["num_layers"])
+    try:
+        n, offset = int(meta["num_layers"]), int(meta["offset"])
+    except (KeyError, ValueError):
+        raise StateFileError(f"{path}: the state file's layer count or offset is missing") from None
     if n != len(model.layers):
         raise StateFileError(f"{path}: state has {n} layers, the model {len(model.layers)}")
+    if not 0 <= offset < 2**53:
+        raise StateFileError(f"{path}: offset {offset} is out of range")
+    # Files without a checksum come from before it was written; the checks below still run.
+    if "checksum" in meta and meta["checksum"] != _checksum(arrays):
+        raise StateFileError(f"{path}: the state's arrays do not match their checksum (corrupt)")
+    _check_arrays(path, arrays, model, offset)
     cache = model.make_cache()
     for i, c in enumerate(cache):
         c.state = tuple(arrays.get(f"layers.{i}.{name}") for name in STATE_NAMES)
-        c.offset = int(meta["offset"])
+        c.offset = offset
     return cache, meta

@@ -1,6 +1,9 @@
 """State files: exact round trips, and refusal of anything that does not fit."""
 
+from pathlib import Path
+
 import mlx.core as mx
+import numpy as np
 import pytest
 from tiny import VOCAB, make_infini
 
@@ -75,3 +78,95 @@ def test_save_is_atomic_and_leaves_no_temporary(tmp_path):
     save_state(path, cache, model)
     assert [p.name for p in tmp_path.iterdir()] == ["s.state"]
     load_state(path, model)
+
+
+def _resave(src, dst, edit, meta_edit=None):
+    """Rewrite a state file with edited arrays (and a matching checksum, unless told)."""
+    from infini_mlx.state import _checksum
+
+    arrays, meta = mx.load(str(src), format="safetensors", return_metadata=True)
+    arrays = edit(dict(arrays))
+    meta["checksum"] = _checksum(arrays)
+    meta.update(meta_edit or {})
+    mx.save_safetensors(str(dst) + ".safetensors", arrays, metadata=meta)
+    Path(str(dst) + ".safetensors").rename(dst)
+
+
+@pytest.mark.parametrize(
+    "case, edit, meta, message",
+    [
+        ("nan M", lambda a: {**a, "layers.0.M": a["layers.0.M"] * mx.nan}, None, "NaN"),
+        ("inf z", lambda a: {**a, "layers.1.z": a["layers.1.z"] + mx.inf}, None, "NaN or infinite"),
+        ("negative z", lambda a: {**a, "layers.0.z": -a["layers.0.z"] - 1}, None, "negative"),
+        ("float16 M", lambda a: {**a, "layers.0.M": a["layers.0.M"].astype(mx.float16)}, None, "float32"),
+        ("int32 keys", lambda a: {**a, "layers.0.keys": a["layers.0.keys"].astype(mx.int32)}, None, "not a float"),
+        ("wrong shape", lambda a: {**a, "layers.0.M": a["layers.0.M"][:, :, :3]}, None, "shape"),
+        ("missing layer", lambda a: {k: v for k, v in a.items() if not k.startswith("layers.1.")}, None, "layer 1 has no"),
+        ("offset -5", lambda a: a, {"offset": "-5"}, "out of range"),
+        ("offset 1e30", lambda a: a, {"offset": str(10**30)}, "out of range"),
+        ("offset text", lambda a: a, {"offset": "x"}, "offset"),
+        ("byte flip", lambda a: a, {"checksum": "0" * 64}, "checksum"),
+    ],
+)
+def test_state_arrays_are_checked_against_the_model(tmp_path, case, edit, meta, message):
+    model, _ = make_infini("llama", segment_len=N)
+    cache = model.make_cache()
+    prefill(model, list(range(20)), cache)  # 2 segments folded, 4 tokens pending
+    save_state(tmp_path / "s.state", cache, model)
+    _resave(tmp_path / "s.state", tmp_path / "bad.state", edit, meta)
+    with pytest.raises(StateFileError, match=message):
+        load_state(tmp_path / "bad.state", model)
+
+
+def test_a_flipped_byte_in_the_arrays_is_caught(tmp_path):
+    model, _ = make_infini("llama", segment_len=N)
+    cache = model.make_cache()
+    prefill(model, list(range(20)), cache)
+    path = tmp_path / "s.state"
+    save_state(path, cache, model)
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x01  # inside the last array's data, not the header
+    path.write_bytes(bytes(data))
+    with pytest.raises(StateFileError, match="checksum"):
+        load_state(path, model)
+
+
+def test_fuzzed_state_files_load_or_fail_in_one_line(tmp_path):
+    """Random byte flips, truncations and header edits: a state or a one-line StateFileError."""
+    import resource
+
+    model, _ = make_infini("llama", segment_len=N, conv_size=3)
+    cache = model.make_cache()
+    prefill(model, list(range(20)), cache)
+    save_state(tmp_path / "s.state", cache, model)
+    good = (tmp_path / "s.state").read_bytes()
+    header_end = 8 + int.from_bytes(good[:8], "little")
+    rng = np.random.default_rng(0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (8 << 30, hard))  # a runaway allocation fails, not the machine
+    outcomes = {"ok": 0, "refused": 0}
+    try:
+        for i in range(300):
+            data = bytearray(good)
+            kind = i % 3
+            if kind == 0:  # byte flips anywhere
+                for p in rng.integers(0, len(data), rng.integers(1, 5)):
+                    data[p] ^= int(rng.integers(1, 256))
+            elif kind == 1:  # truncation
+                data = data[: int(rng.integers(0, len(data)))]
+            else:  # a number in the JSON header made huge, or a digit changed
+                digits = [j for j in range(8, header_end) if chr(data[j]).isdigit()]
+                j = int(rng.choice(digits))
+                data[j : j + 1] = b"99999999999" if rng.random() < 0.5 else bytes([48 + int(rng.integers(10))])
+            path = tmp_path / f"f{i}.state"
+            path.write_bytes(bytes(data))
+            try:
+                load_state(path, model)
+                outcomes["ok"] += 1
+            except StateFileError as e:
+                assert "\n" not in str(e)
+                outcomes["refused"] += 1
+            path.unlink()
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert outcomes["refused"] > 200, outcomes
