@@ -133,7 +133,7 @@ class InfiniAttention(nn.Module):
         return (p @ mx.expand_dims(v, 2)).reshape(B, H, qL, -1)
 
     def _memory_inputs(self, x, q, k, v, cache: InfiniCache):
-        """The q, k, v (and write strengths) that read and write the memory, for a whole call."""
+        """The q, k, v (normalised, with write strengths, for the normalised memory) of the memory."""
         if self.config.conv_size:
             B, _, L, _ = q.shape
             outs = []
@@ -146,6 +146,7 @@ class InfiniAttention(nn.Module):
             q, k, v = outs
         beta = None
         if self.config.memory == "normalized":
+            q, k = l2_normalize(nn.silu(q)), l2_normalize(nn.silu(k))
             beta = mx.sigmoid(self.b_proj(x).astype(mx.float32)).transpose(0, 2, 1)
         return q, k, v, beta
 
@@ -154,9 +155,9 @@ class InfiniAttention(nn.Module):
         cfg = self.config
         M, z = cache.memory(qm.shape[0], self.n_kv_heads, km.shape[-1], vm.shape[-1])
         if cfg.memory == "normalized":
-            sq = group_heads(l2_normalize(nn.silu(qm)), self.n_kv_heads, cfg.gqa_memory)
+            sq = group_heads(qm, self.n_kv_heads, cfg.gqa_memory)
             mem = self.o_norm(ungroup_heads(sq @ M[:, :, None], cfg.gqa_memory))
-            cache.accumulate(delta_rule(cache.running(), l2_normalize(nn.silu(km)), vm, beta), None)
+            cache.accumulate(delta_rule(cache.running(), km, vm, beta), None)
             return mem
         sq = group_heads(sigma(qm, cfg.feature_map), self.n_kv_heads, cfg.gqa_memory)
         mem = retrieve(sq, M[:, :, None], z[:, :, None], cfg.first_segment, cfg.eps)
