@@ -7,6 +7,7 @@ called, and the "tensors" that come out are only descriptions (storage, dtype,
 shape, stride, offset) whose bytes are read from the zip one tensor at a time.
 """
 
+import math
 import pickle
 import struct
 import zipfile
@@ -39,6 +40,7 @@ _MX_DTYPES = {
     "BOOL": mx.bool_,
 }
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+MAX_DIM = 2**31  # MLX array dimensions are 32-bit
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.storage.itemsize
+        return math.prod(self.shape) * self.storage.itemsize
 
     def raw(self) -> np.ndarray:
         """The tensor's bytes as a contiguous little-endian unsigned-int array."""
@@ -196,8 +198,8 @@ class TorchZip:
             name: TensorRef(self, p.storage, p.offset, p.shape, p.stride)
             for name, p in pending.items()
         }
-        for t in self.tensors.values():
-            self._check(t)
+        for name, t in self.tensors.items():
+            self._check(name, t)
 
     def _text(self, name: str):
         try:
@@ -211,20 +213,31 @@ class TorchZip:
         except KeyError:
             raise ConversionError(f"{self.path}: storage {key} is missing (truncated file?)") from None
 
-    def _check(self, t: TensorRef):
+    def _check(self, name: str, t: TensorRef):
         ints = all(type(x) is int for x in (*t.shape, *t.stride, t.offset))
         if (
             not ints
             or (t.storage.dtype, t.storage.itemsize) not in STORAGE_DTYPES.values()
             or len(t.shape) != len(t.stride)
-            or any(d < 0 for d in t.shape)
+            or any(not 0 <= d < MAX_DIM for d in t.shape)
             or any(s < 0 for s in t.stride)
             or t.offset < 0
         ):
-            raise ConversionError(f"{self.path}: malformed tensor record")
-        span = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride)) + 1
-        if 0 not in t.shape and span * t.storage.itemsize > self._record(t.storage.key).file_size:
-            raise ConversionError(f"{self.path}: a tensor reaches past its storage (truncated file?)")
+            raise ConversionError(f"{self.path}: malformed tensor record for {name}")
+        if 0 in t.shape:
+            return
+        # Each element its own storage slot: a zero or overlapping stride would let a
+        # few stored bytes stand for a tensor of any size.
+        reach = 1
+        for s, d in sorted((s, d) for d, s in zip(t.shape, t.stride) if d > 1):
+            if s < reach:
+                raise ConversionError(
+                    f"{self.path}: {name} has aliasing strides {list(t.stride)} for shape {list(t.shape)} "
+                    "(expanded or overlapping views are not supported)"
+                )
+            reach += (d - 1) * s
+        if (t.offset + reach) * t.storage.itemsize > self._record(t.storage.key).file_size:
+            raise ConversionError(f"{self.path}: {name} reaches past its storage (truncated file?)")
 
     def read(self, t: TensorRef) -> np.ndarray:
         """Read one tensor: only the bytes it spans, strided and byte-swapped as needed."""

@@ -9,7 +9,7 @@ import zipfile
 import mlx.core as mx
 import numpy as np
 import pytest
-from convert_helpers import FIXTURES
+from convert_helpers import FIXTURES, state_dict_pickle, tensor_pickle, torch_zip
 from infini_mlx.converters import ConversionError, TorchZip, convert
 
 READER = FIXTURES / "reader"
@@ -106,3 +106,28 @@ def test_conversion_never_imports_torch(tmp_path):
 def test_fixture_generator_says_it_needs_torch():
     r = subprocess.run([sys.executable, str(FIXTURES / "make_fixtures.py")], capture_output=True, text=True)
     assert r.returncode != 0 and "needs torch" in r.stderr
+
+
+def _one_tensor(path, shape, stride, data: bytes, **kw):
+    return torch_zip(path, state_dict_pickle({"w": tensor_pickle("0", shape, stride, **kw)}), {"0": data})
+
+
+@pytest.mark.parametrize("stride", [(0, 0), (0, 1), (1, 1), (2, 1)])
+def test_aliasing_strides_are_refused(stride, tmp_path):
+    """Four stored bytes must not stand for a 16384 x 16384 tensor (1 GiB once read)."""
+    f = _one_tensor(tmp_path / "bomb.pt", (16384, 16384), stride, b"\0" * 4)
+    with pytest.raises(ConversionError, match="aliasing strides"):
+        TorchZip(f)
+
+
+def test_strided_views_that_do_not_alias_are_read(tmp_path):
+    data = np.arange(12, dtype=np.float32)
+    f = torch_zip(tmp_path / "views.pt", state_dict_pickle({
+        "t": tensor_pickle("0", (3, 4), (1, 3)),  # a transpose
+        "s": tensor_pickle("0", (2, 2), (6, 2), offset=1),  # a strided slice
+        "b": tensor_pickle("0", (1, 3), (0, 1)),  # any stride on a dimension of one
+    }), {"0": data.tobytes()})
+    z = TorchZip(f)
+    assert np.array_equal(np.array(z.tensors["t"].to_mlx()), data.reshape(4, 3).T)
+    assert np.array_equal(np.array(z.tensors["s"].to_mlx()), [[1, 3], [7, 9]])
+    assert np.array_equal(np.array(z.tensors["b"].to_mlx()), data[None, :3])
