@@ -66,23 +66,24 @@ class Checkpoint:
             raise ConversionError(f"{src}: mixes safetensors and torch files")
         self._zips: Dict[Path, TorchZip] = {}
         self.shapes: Dict[str, Tuple[int, ...]] = {}
+        self.dtypes: Dict[str, str] = {}
         self.where: Dict[str, Path] = {}
         for f in self.files:
-            for name, shape in self._shapes(f).items():
+            for name, (shape, dtype) in self._entries(f).items():
                 if name in self.where:
                     raise ConversionError(f"{name} is in both {self.where[name].name} and {f.name}")
-                self.shapes[name], self.where[name] = shape, f
+                self.shapes[name], self.dtypes[name], self.where[name] = shape, dtype, f
         if self.index is not None:
             for name, f in json.loads(self.index.read_text())["weight_map"].items():
                 if self.where.get(name) != src / f:
                     raise ConversionError(f"{name} is listed in {self.index.name} but not in {f}")
 
-    def _shapes(self, f: Path) -> Dict[str, Tuple[int, ...]]:
+    def _entries(self, f: Path) -> Dict[str, Tuple[Tuple[int, ...], str]]:
         if not self.torch:
             header, _ = safetensors_io.read_header(f)
-            return {k: tuple(v["shape"]) for k, v in header.items()}
+            return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
         self._zips[f] = TorchZip(f)
-        return {k: t.shape for k, t in self._zips[f].tensors.items()}
+        return {k: (t.shape, t.dtype) for k, t in self._zips[f].tensors.items()}
 
     @property
     def kind(self) -> str:
@@ -91,6 +92,13 @@ class Checkpoint:
     @property
     def largest_file(self) -> int:
         return max(f.stat().st_size for f in self.files)
+
+    def placeholders(self) -> Dict[str, mx.array]:
+        """Stand-ins of every tensor's shape and dtype that hold no data: nothing is read."""
+        return {
+            k: mx.broadcast_to(mx.zeros((), safetensors_io.MX_DTYPES[self.dtypes[k]]), shape)
+            for k, shape in self.shapes.items()
+        }
 
     def load(self, stage: Path) -> Dict[str, mx.array]:
         """Every tensor as a lazy MLX array.

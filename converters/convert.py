@@ -136,6 +136,9 @@ def convert(
     if fmt not in PLANNERS:
         raise ConversionError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
 
+    # Config, tensor names and shapes are checked on placeholders before any tensor is read.
+    _build(PLANNERS[fmt](src, None))
+
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
@@ -159,8 +162,10 @@ def _build(plan: Plan):
     try:
         model_class, args_class = _get_classes(plan.config)
         model = model_class(args_class.from_dict(plan.config))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConversionError(f"config.json does not describe a {plan.config.get('model_type')} model: {e}") from None
+    except Exception as e:  # whatever mlx-lm makes of a config it cannot build
+        raise ConversionError(
+            f"config.json does not describe a {plan.config.get('model_type')} model: {type(e).__name__}: {e}"
+        ) from None
     # RoPE frequencies are recomputed, never loaded (old .bin files carry them).
     derived = [k for k in plan.weights if k.endswith("rotary_emb.inv_freq")]
     for k in derived:
@@ -168,7 +173,12 @@ def _build(plan: Plan):
     if derived:
         plan.dropped.append(f"{len(derived)} precomputed rotary_emb.inv_freq buffers")
     before = set(plan.weights)
-    weights = model.sanitize(plan.weights) if hasattr(model, "sanitize") else plan.weights
+    try:
+        weights = model.sanitize(plan.weights) if hasattr(model, "sanitize") else plan.weights
+    except (KeyError, IndexError, ValueError) as e:  # e.g. a MoE layer missing one expert
+        raise ConversionError(
+            f"the tensors do not fit mlx-lm's {plan.config['model_type']} layout ({type(e).__name__}: {e})"
+        ) from None
     gone, new = before - set(weights), set(weights) - before
     if gone and not new:
         plan.dropped.append(f"{len(gone)} tensors mlx-lm does not use, e.g. {min(gone)}")

@@ -20,6 +20,7 @@ _CODES = {
     mx.uint32: "U32", mx.uint16: "U16", mx.uint8: "U8", mx.bool_: "BOOL",
 }
 _UINT = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
+MX_DTYPES = {**{code: dtype for dtype, code in _CODES.items()}, "F64": mx.float32}
 _MAX_HEADER = 100 << 20
 
 
