@@ -43,8 +43,22 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 MAX_DIM = 2**31  # MLX array dimensions are 32-bit
 
 
+class _Refused(Exception):
+    """Raised while unpickling; reported with the file's name."""
+
+
+class _Frozen:
+    """Refuses the pickle's BUILD opcode (which calls ``__setstate__``): nothing the
+    unpickler hands out may be changed by the pickle itself."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise _Refused(f"the pickle tries to modify a {type(self).__name__.strip('_')} (BUILD opcode): refused")
+
+
 @dataclass(frozen=True)
-class StorageRef:
+class StorageRef(_Frozen):
     key: str
     dtype: str
     itemsize: int
@@ -81,34 +95,49 @@ class TensorRef:
 
 def _rebuild_tensor(storage, offset, size, stride, *args):
     if not isinstance(storage, StorageRef):
-        raise ConversionError("malformed tensor record in the pickle")
-    return _PendingTensor(storage, int(offset), tuple(size), tuple(stride))
+        raise _Refused("malformed tensor record in the pickle")
+    return _PendingTensor(storage, offset, tuple(size), tuple(stride))  # types checked later
 
 
 def _rebuild_parameter(data, *args):
     return data
 
 
-class _PendingTensor:
+class _PendingTensor(_Frozen):
     """What the unpickler builds; bound to its archive once the pickle is read."""
+
+    __slots__ = ("storage", "offset", "shape", "stride")
 
     def __init__(self, storage, offset, shape, stride):
         self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
 
 
-class _StorageType:
+class _StorageType(_Frozen):
+    __slots__ = ("name",)
+
     def __init__(self, name):
         self.name = name
 
 
-# (module, name) -> what the unpickler may build for it. Nothing else is callable.
+class _Global(_Frozen):
+    """An allowed callable, as the pickle sees it: a fresh wrapper per reference."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+# (module, name) -> what the unpickler may call. Nothing else is callable.
 _ALLOWED = {
     ("collections", "OrderedDict"): OrderedDict,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    **{("torch", n): _StorageType(n) for n in STORAGE_DTYPES},
 }
 
 
@@ -118,13 +147,15 @@ class _SafeUnpickler(pickle.Unpickler):
         self.where = where
 
     def find_class(self, module, name):
-        allowed = _ALLOWED.get((module, name))
-        if allowed is None:
-            raise ConversionError(
-                f"{self.where}: refused to unpickle the global {module}.{name} "
-                "(only tensors and plain containers are allowed; nothing was executed)"
-            )
-        return allowed
+        # New objects on every call: no load can change what another load gets.
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(name)
+        if (module, name) in _ALLOWED:
+            return _Global(_ALLOWED[module, name])
+        raise ConversionError(
+            f"{self.where}: refused to unpickle the global {module}.{name} "
+            "(only tensors and plain containers are allowed; nothing was executed)"
+        )
 
     def persistent_load(self, pid):
         # ('storage', storage_type, key, location, numel)
@@ -190,6 +221,8 @@ class TorchZip:
             obj = _SafeUnpickler(self.zip.open(pkl[0]), str(self.path)).load()
         except ConversionError:
             raise
+        except _Refused as e:
+            raise ConversionError(f"{self.path}: {e}") from None
         except Exception as e:  # a damaged pickle: report it, never run it
             raise ConversionError(f"{self.path}: unreadable pickle ({type(e).__name__}: {e})") from None
         pending: Dict[str, _PendingTensor] = {}

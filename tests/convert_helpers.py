@@ -36,7 +36,7 @@ def copy_fixture(name: str, tmp_path: Path) -> Path:
     return dst
 
 
-def _ops(x) -> bytes:
+def ops(x) -> bytes:
     """x's protocol-2 pickle opcodes, without PROTO and STOP."""
     return pickle.dumps(x, 2)[2:-1]
 
@@ -44,10 +44,10 @@ def _ops(x) -> bytes:
 def tensor_pickle(key, shape, stride, offset=0, numel=None, storage="FloatStorage") -> bytes:
     """The opcodes torch.save writes for one tensor: _rebuild_tensor_v2(storage, offset, shape, stride, ...)."""
     numel = numel if numel is not None else math.prod(shape)
-    pid = b"(" + _ops("storage") + f"ctorch\n{storage}\n".encode() + _ops(key) + _ops("cpu") + _ops(numel) + b"tQ"
+    pid = b"(" + ops("storage") + f"ctorch\n{storage}\n".encode() + ops(key) + ops("cpu") + ops(numel) + b"tQ"
     return (
-        b"ctorch._utils\n_rebuild_tensor_v2\n(" + pid + _ops(offset) + _ops(tuple(shape))
-        + _ops(tuple(stride)) + _ops(False) + b"ccollections\nOrderedDict\n)Rt" + b"R"
+        b"ctorch._utils\n_rebuild_tensor_v2\n(" + pid + ops(offset) + ops(tuple(shape))
+        + ops(tuple(stride)) + ops(False) + b"ccollections\nOrderedDict\n)Rt" + b"R"
     )
 
 
@@ -55,7 +55,7 @@ def state_dict_pickle(tensors, before: bytes = b"") -> bytes:
     """A state-dict pickle: tensors maps names to tensor_pickle() opcodes; before runs first."""
     out = b"\x80\x02" + before + b"ccollections\nOrderedDict\n)R"
     for name, t in tensors.items():
-        out += _ops(name) + t + b"s"
+        out += ops(name) + t + b"s"
     return out + b"."
 
 

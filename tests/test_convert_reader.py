@@ -9,7 +9,7 @@ import zipfile
 import mlx.core as mx
 import numpy as np
 import pytest
-from convert_helpers import FIXTURES, state_dict_pickle, tensor_pickle, torch_zip
+from convert_helpers import FIXTURES, ops, state_dict_pickle, tensor_pickle, torch_zip
 from infini_mlx.converters import ConversionError, TorchZip, convert
 
 READER = FIXTURES / "reader"
@@ -131,3 +131,35 @@ def test_strided_views_that_do_not_alias_are_read(tmp_path):
     assert np.array_equal(np.array(z.tensors["t"].to_mlx()), data.reshape(4, 3).T)
     assert np.array_equal(np.array(z.tensors["s"].to_mlx()), [[1, 3], [7, 9]])
     assert np.array_equal(np.array(z.tensors["b"].to_mlx()), data[None, :3])
+
+
+# BUILD ("b") sets the state of the object below it on the stack.
+_HALF = b"}" + ops("name") + ops("HalfStorage") + b"sb"
+POISON = {
+    "storage type": b"ctorch\nFloatStorage\n" + _HALF + b"0",
+    "rebuild function": b"ctorch._utils\n_rebuild_tensor_v2\n}" + ops("__defaults__") + ops((1,)) + b"sb0",
+    "tensor": tensor_pickle("0", (2, 3), (3, 1)) + b"}" + ops("storage") + ops(None) + b"sb0",
+}
+
+
+@pytest.mark.parametrize("what", sorted(POISON))
+def test_pickle_cannot_modify_what_it_is_given(what, tmp_path):
+    """A BUILD on the shared FloatStorage once turned every later float32 tensor,
+    of this file and of the next files read in the process, into float16 garbage."""
+    data = np.arange(6, dtype=np.float32)
+    pkl = state_dict_pickle({"w": tensor_pickle("0", (2, 3), (3, 1))}, before=POISON[what])
+    with pytest.raises(ConversionError, match="BUILD opcode"):
+        TorchZip(torch_zip(tmp_path / "poison.pt", pkl, {"0": data.tobytes()}))
+    clean = TorchZip(_one_tensor(tmp_path / "clean.pt", (2, 3), (3, 1), data.tobytes())).tensors["w"]
+    assert clean.dtype == "F32"
+    assert np.array_equal(np.array(clean.to_mlx()), data.reshape(2, 3))
+    test_tensors_match_what_torch_saved("checkpoint.pt")
+
+
+def test_state_dict_metadata_is_still_accepted(tmp_path):
+    """torch.save gives the state dict (an OrderedDict of this load) a _metadata attribute by BUILD."""
+    meta = b"}" + ops("_metadata") + ops({"": {"version": 1}}) + b"sb"
+    pkl = state_dict_pickle({"w": tensor_pickle("0", (2,), (1,))})
+    pkl = pkl[:-1] + meta + b"."
+    z = TorchZip(torch_zip(tmp_path / "meta.pt", pkl, {"0": np.ones(2, np.float32).tobytes()}))
+    assert list(z.tensors) == ["w"]
