@@ -7,9 +7,9 @@ called, and the "tensors" that come out are only descriptions (storage, dtype,
 shape, stride, offset) whose bytes are read from the zip one tensor at a time.
 """
 
+import io
 import math
 import pickle
-import struct
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import ConversionError
+from .zip_entries import ZipEntries
 
 # torch storage type -> (safetensors dtype, itemsize)
 STORAGE_DTYPES = {
@@ -208,6 +209,9 @@ class TorchZip:
             raise ConversionError(_not_a_zip(self.path)) from None
         except OSError as e:
             raise ConversionError(f"{self.path}: {e.strerror or e}") from None
+        except Exception as e:  # zipfile's other complaints about a damaged directory
+            raise ConversionError(f"{self.path}: corrupt zip file ({type(e).__name__})") from None
+        self.entries = ZipEntries(self.zip, self.path)
         names = self.zip.namelist()
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
@@ -218,7 +222,8 @@ class TorchZip:
             raise ConversionError(f"{self.path}: unknown byte order {order!r}")
         self.big_endian = order == "big"
         try:
-            obj = _SafeUnpickler(self.zip.open(pkl[0]), str(self.path)).load()
+            data = io.BytesIO(self.entries.read(self.zip.getinfo(pkl[0])))
+            obj = _SafeUnpickler(data, str(self.path)).load()
         except ConversionError:
             raise
         except _Refused as e:
@@ -235,16 +240,17 @@ class TorchZip:
             self._check(name, t)
 
     def _text(self, name: str):
+        info = self.entries.info(self.prefix + name)
         try:
-            return self.zip.read(self.prefix + name).decode().strip()
-        except KeyError:
-            return None
+            return None if info is None else self.entries.read(info).decode().strip()
+        except UnicodeDecodeError:
+            raise ConversionError(f"{self.path}: corrupt zip entry {info.filename}") from None
 
     def _record(self, key: str) -> zipfile.ZipInfo:
-        try:
-            return self.zip.getinfo(f"{self.prefix}data/{key}")
-        except KeyError:
-            raise ConversionError(f"{self.path}: storage {key} is missing (truncated file?)") from None
+        info = self.entries.info(f"{self.prefix}data/{key}")
+        if info is None:
+            raise ConversionError(f"{self.path}: storage {key} is missing (truncated file?)")
+        return info
 
     def _check(self, name: str, t: TensorRef):
         ints = all(type(x) is int for x in (*t.shape, *t.stride, t.offset))
@@ -279,33 +285,12 @@ class TorchZip:
         if 0 in t.shape:
             return np.zeros(t.shape, _UINT[n])
         span = sum((d - 1) * s for d, s in zip(t.shape, t.stride)) + 1
-        info = self._record(t.storage.key)
-        if info.compress_type == zipfile.ZIP_STORED:
-            start = self._data_offset(info) + t.offset * n
-            with open(self.path, "rb") as f:
-                f.seek(start)
-                buf = f.read(span * n)
-        else:
-            with self.zip.open(info) as f:
-                f.seek(t.offset * n)
-                buf = f.read(span * n)
-        if len(buf) != span * n:
-            raise ConversionError(f"{self.path}: storage {t.storage.key} is truncated")
+        buf = self.entries.read(self._record(t.storage.key), t.offset * n, span * n)
         flat = np.frombuffer(buf, uint)
         a = np.lib.stride_tricks.as_strided(
             flat, t.shape, tuple(s * n for s in t.stride), writeable=False
         )
         return a.astype(_UINT[n], order="C")  # a copy: native order, contiguous, 0-d kept
-
-    def _data_offset(self, info: zipfile.ZipInfo) -> int:
-        # The local header's name/extra lengths can differ from the central directory's.
-        with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
-            head = f.read(30)
-        if len(head) < 30 or head[:4] != b"PK\x03\x04":
-            raise ConversionError(f"{self.path}: corrupt zip entry {info.filename}")
-        name_len, extra_len = struct.unpack("<HH", head[26:30])
-        return info.header_offset + 30 + name_len + extra_len
 
 
 def _not_a_zip(path: Path) -> str:

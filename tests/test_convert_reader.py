@@ -2,9 +2,11 @@
 
 import importlib.util
 import pickle
+import struct
 import subprocess
 import sys
 import zipfile
+import zlib
 
 import mlx.core as mx
 import numpy as np
@@ -163,3 +165,58 @@ def test_state_dict_metadata_is_still_accepted(tmp_path):
     pkl = pkl[:-1] + meta + b"."
     z = TorchZip(torch_zip(tmp_path / "meta.pt", pkl, {"0": np.ones(2, np.float32).tobytes()}))
     assert list(z.tensors) == ["w"]
+
+
+def _patch_central(path, name: str, **fields):
+    """Rewrite fields (crc, size: both sizes) of an entry's central directory record."""
+    data = bytearray(path.read_bytes())
+    at = data.index(b"PK\x01\x02")
+    while data[at + 46 : at + 46 + len(name)] != name.encode():
+        at = data.index(b"PK\x01\x02", at + 1)
+    if "crc" in fields:
+        struct.pack_into("<I", data, at + 16, fields["crc"])
+    if "size" in fields:
+        struct.pack_into("<II", data, at + 20, fields["size"], fields["size"])
+    path.write_bytes(bytes(data))
+
+
+def test_zip_entry_claiming_more_bytes_than_it_holds(tmp_path):
+    """A stored storage of 8 bytes whose directory says 40 (and gives the CRC of those
+    40): read as it claims, its weights were the next entry's local header."""
+    f = _one_tensor(tmp_path / "lie.pt", (10,), (1,), np.ones(2, np.float32).tobytes())
+    with zipfile.ZipFile(f) as z:
+        start = z.getinfo("archive/data/0").header_offset + 30 + len("archive/data/0")
+    overread = f.read_bytes()[start : start + 40]
+    assert b"PK\x03\x04" in overread
+    _patch_central(f, "archive/data/0", size=40, crc=zlib.crc32(overread))
+    z = TorchZip(f)  # the shape fits the claimed size
+    with pytest.raises(ConversionError, match="claims 40 bytes but holds at most 8"):
+        z.tensors["w"].raw()
+
+
+def test_zip_entry_failing_its_crc(tmp_path):
+    data = np.arange(4, dtype=np.float32)
+    f = _one_tensor(tmp_path / "flip.pt", (2, 2), (2, 1), data.tobytes())
+    raw = bytearray(f.read_bytes())
+    raw[raw.index(data.tobytes()) + 5] ^= 0x40  # a weight changed after the CRC was written
+    f.write_bytes(bytes(raw))
+    z = TorchZip(f)
+    with pytest.raises(ConversionError, match="archive/data/0 fails its CRC check"):
+        z.tensors["w"].raw()
+    # A tensor reading part of its storage checks the whole storage once.
+    f = torch_zip(tmp_path / "part.pt", state_dict_pickle({"w": tensor_pickle("0", (2,), (1,))}),
+                  {"0": data.tobytes()})
+    raw = bytearray(f.read_bytes())
+    raw[raw.index(data.tobytes()) + 13] ^= 0x40
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ConversionError, match="fails its CRC check"):
+        TorchZip(f).tensors["w"].raw()
+
+
+def test_pickle_entry_claiming_more_bytes_than_it_holds(tmp_path):
+    f = _one_tensor(tmp_path / "lie.pt", (2,), (1,), np.ones(2, np.float32).tobytes())
+    with zipfile.ZipFile(f) as z:
+        size = z.getinfo("archive/data.pkl").file_size
+    _patch_central(f, "archive/data.pkl", size=size + 64)
+    with pytest.raises(ConversionError, match=f"data.pkl claims {size + 64} bytes"):
+        TorchZip(f)
