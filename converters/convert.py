@@ -24,6 +24,7 @@ from . import safetensors_io
 from .errors import ConversionError
 from .formats import FORMATS, Plan, detect, plan_beomi, plan_hf, plan_jlamprou, validate_infini
 from .nanotron import plan_nanotron
+from .paths import file_in
 
 PLANNERS = {"hf": plan_hf, "beomi": plan_beomi, "jlamprou": plan_jlamprou, "nanotron": plan_nanotron}
 ALIASES = {"gemma-2b-10m": "beomi", "infini-transformer": "beomi", "huggingface": "hf"}
@@ -288,8 +289,9 @@ def _save_shards(params: Dict[str, mx.array], out: Path, n_params: int) -> List[
 def _copy_tokenizer(src: Path, out: Path) -> List[str]:
     copied = []
     for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy(src / name, out / name)
+        path = file_in(src, name)
+        if path is not None:
+            shutil.copy(path, out / name)
             copied.append(name)
     return copied
 

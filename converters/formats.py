@@ -14,6 +14,7 @@ from infini_mlx.upcycle import SUPPORTED_MODEL_TYPES
 from .checkpoint import Checkpoint
 from .config_check import check_config, whole
 from .errors import ConversionError
+from .paths import file_in
 
 FORMATS = {
     "hf": "plain Hugging Face model of a supported family, upcycled with new gates",
@@ -55,11 +56,11 @@ class Plan:
 
 
 def read_config(src: Path) -> dict:
-    path = src / "config.json"
+    path = file_in(src, "config.json")
+    if path is None:
+        raise ConversionError(f"{src}: unknown layout (no config.json, no model_config.json)")
     try:
         config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConversionError(f"{src}: unknown layout (no config.json, no model_config.json)") from None
     except (ValueError, RecursionError) as e:
         raise ConversionError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(config, dict):

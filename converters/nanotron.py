@@ -20,6 +20,7 @@ from . import safetensors_io
 from .config_check import check_config, whole
 from .errors import ConversionError
 from .formats import DEFAULT_SEGMENT_LEN, Plan
+from .paths import file_in
 
 _FILE = re.compile(
     r"^model_(?P<param>.+?)(?:_pp-rank-\d+-of-\d+_tp-rank-(?P<tp>\d+)-of-(?P<tps>\d+)"
@@ -77,11 +78,13 @@ def _assemble(name: str, shards: Dict[int, Tuple[mx.array, dict]], tps: int) -> 
     return full
 
 
-def _read_params(root: Path) -> Tuple[Dict[str, mx.array], int, int, int]:
+def _read_params(src: Path) -> Tuple[Dict[str, mx.array], int, int, int]:
+    root = src / "model"
     groups: Dict[str, Dict[int, Tuple[mx.array, dict]]] = {}
     sizes: Dict[str, int] = {}
     n_files, largest = 0, 0
     for f in sorted(root.rglob("*.safetensors")):
+        f = file_in(src, f.relative_to(src))
         m = _FILE.match(f.name)
         if m is None:
             raise ConversionError(f"unexpected file in a nanotron checkpoint: {f.relative_to(root)}")
@@ -117,9 +120,10 @@ def _hf_config(mc: dict) -> dict:
 
 def plan_nanotron(src: Path, stage: Optional[Path]) -> Plan:
     """Its tensors are read lazily from safetensors files: ``stage`` is not needed."""
+    mc_path, yml_path = file_in(src, "model_config.json"), file_in(src, "config.yaml")
     try:
-        mc = json.loads((src / "model_config.json").read_text())
-        yml = yaml.safe_load((src / "config.yaml").read_text()) if (src / "config.yaml").exists() else {}
+        mc = json.loads(mc_path.read_text())
+        yml = yaml.safe_load(yml_path.read_text()) if yml_path else {}
     except (ValueError, RecursionError, yaml.YAMLError) as e:
         raise ConversionError(f"{src}: unreadable nanotron config ({e})") from None
     if not isinstance(mc, dict) or not isinstance(yml or {}, dict):
@@ -139,7 +143,7 @@ def plan_nanotron(src: Path, stage: Optional[Path]) -> Plan:
     if not isinstance(act, str) or act not in GATE_ACTS:
         raise ConversionError(f"unknown balance_act_type {act!r} (known: {', '.join(GATE_ACTS)})")
 
-    params, n_files, largest, tp = _read_params(src / "model")
+    params, n_files, largest, tp = _read_params(src)
     check_config(config, {k: v.shape for k, v in params.items()}, where="model_config.json")
     H, Hkv = config["num_attention_heads"], config["num_key_value_heads"]
     D = config["hidden_size"] // H
