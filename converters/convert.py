@@ -3,7 +3,6 @@
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -25,6 +24,7 @@ from .errors import ConversionError
 from .formats import FORMATS, Plan, detect, plan_beomi, plan_hf, plan_jlamprou, validate_infini
 from .nanotron import plan_nanotron
 from .paths import file_in
+from .staging import check_places, replace, staging
 
 PLANNERS = {"hf": plan_hf, "beomi": plan_beomi, "jlamprou": plan_jlamprou, "nanotron": plan_nanotron}
 ALIASES = {"gemma-2b-10m": "beomi", "infini-transformer": "beomi", "huggingface": "hf"}
@@ -118,14 +118,12 @@ def convert(
             truncated file, forbidden pickle global, existing ``dst``.
     """
     src, dst = Path(src), Path(dst)
+    tok_src = Path(tokenizer) if tokenizer else src
     if not src.exists():
         raise ConversionError(f"{src}: no such directory")
     if not src.is_dir():
         raise ConversionError(f"{src}: expected a checkpoint directory (with config.json), got a file")
-    if dst.exists() and not force:
-        raise ConversionError(f"{dst} exists (use --force to replace it)")
-    if dst.resolve() == src.resolve():
-        raise ConversionError("SRC and DST are the same directory")
+    check_places(src, dst, force, tok_src)
     if quantize and (q_bits not in (2, 3, 4, 5, 6, 8) or q_group_size not in (32, 64, 128)):
         raise ConversionError(
             f"cannot quantize to {q_bits} bits in groups of {q_group_size} "
@@ -140,20 +138,14 @@ def convert(
     # Config, tensor names and shapes are checked on placeholders before any tensor is read.
     _build(PLANNERS[fmt](src, None))
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with staging(dst) as tmp:
         plan = PLANNERS[fmt](src, tmp / ".stage")
         summary = _write(plan, tmp, infini or {}, quantize, q_bits, q_group_size, dtype)
-        tok_src = Path(tokenizer) if tokenizer else src
         summary.tokenizer_files = _copy_tokenizer(tok_src, tmp)
         if not summary.tokenizer_files:
             summary.notes.append(f"no tokenizer files in {tok_src}: add them (or pass --tokenizer DIR)")
         shutil.rmtree(tmp / ".stage", ignore_errors=True)
-        _replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        replace(tmp, dst)
     summary.src, summary.dst = src, dst
     return summary
 
@@ -294,14 +286,3 @@ def _copy_tokenizer(src: Path, out: Path) -> List[str]:
             shutil.copy(path, out / name)
             copied.append(name)
     return copied
-
-
-def _replace(tmp: Path, dst: Path) -> None:
-    """Move the finished directory into place; an old DST (force) goes only after."""
-    old = None
-    if dst.exists() or dst.is_symlink():
-        old = dst.with_name(f".{dst.name}.old-{tmp.name}")
-        dst.rename(old)
-    tmp.rename(dst)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
