@@ -168,25 +168,30 @@ class _SafeUnpickler(pickle.Unpickler):
         return StorageRef(str(pid[2]), *STORAGE_DTYPES[stype.name])
 
 
-def _flatten(obj, prefix: str, out: Dict[str, "_PendingTensor"], where: str):
+def _flatten(obj, prefix: str, out: Dict[str, "_PendingTensor"], seen: set, where: str):
     if isinstance(obj, _PendingTensor):
+        if prefix in out:
+            raise ConversionError(f"{where}: two tensors are named {prefix}")
         out[prefix] = obj
     elif isinstance(obj, dict):
+        if id(obj) in seen:  # a state dict is a tree: a cycle or a shared branch is a trap
+            raise ConversionError(f"{where}: a dictionary appears twice in the state dict")
+        seen.add(id(obj))
         for k, v in obj.items():
-            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, where)
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, seen, where)
     elif obj is None or isinstance(obj, (int, float, str, bool, list, tuple)):
         pass  # training metadata (step counts, args) carries no weights
     else:
         raise ConversionError(f"{where}: unexpected object of type {type(obj).__name__}")
 
 
-def _state_dict(obj):
+def _state_dict(obj, depth: int = 0):
     """Unwrap training checkpoints of the form {"state_dict": {...}} or {"model": {...}}."""
     for key in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and not any(
+        if depth < 8 and isinstance(obj, dict) and isinstance(obj.get(key), dict) and not any(
             isinstance(v, _PendingTensor) for v in obj.values()
         ):
-            return _state_dict(obj[key])
+            return _state_dict(obj[key], depth + 1)
     return obj
 
 
@@ -231,7 +236,10 @@ class TorchZip:
         except Exception as e:  # a damaged pickle: report it, never run it
             raise ConversionError(f"{self.path}: unreadable pickle ({type(e).__name__}: {e})") from None
         pending: Dict[str, _PendingTensor] = {}
-        _flatten(_state_dict(obj), "", pending, str(self.path))
+        try:
+            _flatten(_state_dict(obj), "", pending, set(), str(self.path))
+        except (RecursionError, ValueError) as e:  # nested past Python's stack, an int key too long to print
+            raise ConversionError(f"{self.path}: malformed state dict ({type(e).__name__})") from None
         self.tensors: Dict[str, TensorRef] = {
             name: TensorRef(self, p.storage, p.offset, p.shape, p.stride)
             for name, p in pending.items()

@@ -220,3 +220,22 @@ def test_pickle_entry_claiming_more_bytes_than_it_holds(tmp_path):
     _patch_central(f, "archive/data.pkl", size=size + 64)
     with pytest.raises(ConversionError, match=f"data.pkl claims {size + 64} bytes"):
         TorchZip(f)
+
+
+NESTED = {
+    # {"a": {"a": ... 100000 deep}}: past Python's stack
+    "deep": b"\x80\x02" + (b"}" + ops("a")) * 100000 + b"}" + b"s" * 100000 + b".",
+    # d = {}; d["a"] = d; d["b"] = d: endless, or 2**depth paths
+    "cycle": b"\x80\x02}q\x05" + ops("a") + b"h\x05s" + ops("b") + b"h\x05s.",
+    # {"a": t, "a.b"...}: two tensors flattened to one name
+    "same name": state_dict_pickle({"a.b": tensor_pickle("0", (1,), (1,))})[:-1]
+    + ops("a") + b"}" + ops("b") + tensor_pickle("0", (1,), (1,)) + b"ss.",
+    "huge key": b"\x80\x02}" + b"\x8b" + struct.pack("<I", 4000) + b"\x01" * 4000 + ops(1) + b"s.",
+}
+
+
+@pytest.mark.parametrize("case", sorted(NESTED))
+def test_malformed_state_dicts_are_refused(case, tmp_path):
+    f = torch_zip(tmp_path / "x.pt", NESTED[case], {"0": np.ones(1, np.float32).tobytes()})
+    with pytest.raises(ConversionError, match="malformed state dict|appears twice|two tensors are named"):
+        TorchZip(f)
