@@ -9,6 +9,7 @@ import numpy as np
 
 from . import safetensors_io
 from .errors import ConversionError
+from .paths import file_in
 from .torch_zip import TorchZip
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -16,33 +17,37 @@ TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 NOT_WEIGHTS = ("training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt")
 
 
-def _weight_files(src: Path) -> Tuple[List[Path], Optional[Path]]:
+def _weight_files(src: Path) -> Tuple[List[Path], Optional[Path], Optional[Dict[str, str]]]:
+    """The weight files, and the index (with its weight_map) when there is one."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (src / index).exists():
-            return _from_index(src / index), src / index
+        if file_in(src, index):
+            return _from_index(src, index)
     indexes = sorted(src.glob("*.index.json"))
     if len(indexes) == 1:
-        return _from_index(indexes[0]), indexes[0]
+        return _from_index(src, indexes[0].name)
     sft = sorted(p for p in src.glob("*.safetensors") if p.name != "infini.safetensors")
-    if sft:
-        return sft, None
-    pt = sorted(src.glob("pytorch_model*.bin")) or sorted(
+    pt = sft or sorted(src.glob("pytorch_model*.bin")) or sorted(
         p for p in src.iterdir()
         if p.suffix in TORCH_SUFFIXES and p.name not in NOT_WEIGHTS and not p.name.startswith("rng_state")
     )
-    return pt, None
+    return [file_in(src, p.name) for p in pt], None, None
 
 
-def _from_index(index: Path) -> List[Path]:
+def _from_index(src: Path, name: str):
+    index = file_in(src, name)
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise ConversionError(f"{index}: not a valid shard index (no weight_map)") from None
-    files = sorted(set(weight_map.values()))
-    for f in files:
-        if not (index.parent / f).is_file():
+    if not isinstance(weight_map, dict) or not all(type(f) is str for f in weight_map.values()):
+        raise ConversionError(f"{index}: not a valid shard index (weight_map is not a map of file names)")
+    files = []
+    for f in sorted(set(weight_map.values())):
+        path = file_in(src, f)
+        if path is None:
             raise ConversionError(f"missing shard {f} (listed in {index.name})")
-    return [index.parent / f for f in files]
+        files.append(path)
+    return files, index, weight_map
 
 
 class Checkpoint:
@@ -58,7 +63,7 @@ class Checkpoint:
 
     def __init__(self, src: Path):
         self.src = src
-        self.files, self.index = _weight_files(src)
+        self.files, self.index, weight_map = _weight_files(src)
         if not self.files:
             raise ConversionError(f"{src}: no weight files (*.safetensors, *.bin, *.pt, *.pth)")
         self.torch = self.files[0].suffix in TORCH_SUFFIXES
@@ -66,23 +71,24 @@ class Checkpoint:
             raise ConversionError(f"{src}: mixes safetensors and torch files")
         self._zips: Dict[Path, TorchZip] = {}
         self.shapes: Dict[str, Tuple[int, ...]] = {}
+        self.dtypes: Dict[str, str] = {}
         self.where: Dict[str, Path] = {}
         for f in self.files:
-            for name, shape in self._shapes(f).items():
+            for name, (shape, dtype) in self._entries(f).items():
                 if name in self.where:
                     raise ConversionError(f"{name} is in both {self.where[name].name} and {f.name}")
-                self.shapes[name], self.where[name] = shape, f
+                self.shapes[name], self.dtypes[name], self.where[name] = shape, dtype, f
         if self.index is not None:
-            for name, f in json.loads(self.index.read_text())["weight_map"].items():
+            for name, f in weight_map.items():
                 if self.where.get(name) != src / f:
                     raise ConversionError(f"{name} is listed in {self.index.name} but not in {f}")
 
-    def _shapes(self, f: Path) -> Dict[str, Tuple[int, ...]]:
+    def _entries(self, f: Path) -> Dict[str, Tuple[Tuple[int, ...], str]]:
         if not self.torch:
             header, _ = safetensors_io.read_header(f)
-            return {k: tuple(v["shape"]) for k, v in header.items()}
+            return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
         self._zips[f] = TorchZip(f)
-        return {k: t.shape for k, t in self._zips[f].tensors.items()}
+        return {k: (t.shape, t.dtype) for k, t in self._zips[f].tensors.items()}
 
     @property
     def kind(self) -> str:
@@ -91,6 +97,13 @@ class Checkpoint:
     @property
     def largest_file(self) -> int:
         return max(f.stat().st_size for f in self.files)
+
+    def placeholders(self) -> Dict[str, mx.array]:
+        """Stand-ins of every tensor's shape and dtype that hold no data: nothing is read."""
+        return {
+            k: mx.broadcast_to(mx.zeros((), safetensors_io.MX_DTYPES[self.dtypes[k]]), shape)
+            for k, shape in self.shapes.items()
+        }
 
     def load(self, stage: Path) -> Dict[str, mx.array]:
         """Every tensor as a lazy MLX array.

@@ -3,7 +3,6 @@
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -24,6 +23,8 @@ from . import safetensors_io
 from .errors import ConversionError
 from .formats import FORMATS, Plan, detect, plan_beomi, plan_hf, plan_jlamprou, validate_infini
 from .nanotron import plan_nanotron
+from .paths import file_in
+from .staging import check_places, replace, staging
 
 PLANNERS = {"hf": plan_hf, "beomi": plan_beomi, "jlamprou": plan_jlamprou, "nanotron": plan_nanotron}
 ALIASES = {"gemma-2b-10m": "beomi", "infini-transformer": "beomi", "huggingface": "hf"}
@@ -117,14 +118,12 @@ def convert(
             truncated file, forbidden pickle global, existing ``dst``.
     """
     src, dst = Path(src), Path(dst)
+    tok_src = Path(tokenizer) if tokenizer else src
     if not src.exists():
         raise ConversionError(f"{src}: no such directory")
     if not src.is_dir():
         raise ConversionError(f"{src}: expected a checkpoint directory (with config.json), got a file")
-    if dst.exists() and not force:
-        raise ConversionError(f"{dst} exists (use --force to replace it)")
-    if dst.resolve() == src.resolve():
-        raise ConversionError("SRC and DST are the same directory")
+    check_places(src, dst, force, tok_src)
     if quantize and (q_bits not in (2, 3, 4, 5, 6, 8) or q_group_size not in (32, 64, 128)):
         raise ConversionError(
             f"cannot quantize to {q_bits} bits in groups of {q_group_size} "
@@ -136,20 +135,17 @@ def convert(
     if fmt not in PLANNERS:
         raise ConversionError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    # Config, tensor names and shapes are checked on placeholders before any tensor is read.
+    _build(PLANNERS[fmt](src, None))
+
+    with staging(dst) as tmp:
         plan = PLANNERS[fmt](src, tmp / ".stage")
         summary = _write(plan, tmp, infini or {}, quantize, q_bits, q_group_size, dtype)
-        tok_src = Path(tokenizer) if tokenizer else src
         summary.tokenizer_files = _copy_tokenizer(tok_src, tmp)
         if not summary.tokenizer_files:
             summary.notes.append(f"no tokenizer files in {tok_src}: add them (or pass --tokenizer DIR)")
         shutil.rmtree(tmp / ".stage", ignore_errors=True)
-        _replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        replace(tmp, dst)
     summary.src, summary.dst = src, dst
     return summary
 
@@ -159,8 +155,10 @@ def _build(plan: Plan):
     try:
         model_class, args_class = _get_classes(plan.config)
         model = model_class(args_class.from_dict(plan.config))
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConversionError(f"config.json does not describe a {plan.config.get('model_type')} model: {e}") from None
+    except Exception as e:  # whatever mlx-lm makes of a config it cannot build
+        raise ConversionError(
+            f"config.json does not describe a {plan.config.get('model_type')} model: {type(e).__name__}: {e}"
+        ) from None
     # RoPE frequencies are recomputed, never loaded (old .bin files carry them).
     derived = [k for k in plan.weights if k.endswith("rotary_emb.inv_freq")]
     for k in derived:
@@ -168,7 +166,12 @@ def _build(plan: Plan):
     if derived:
         plan.dropped.append(f"{len(derived)} precomputed rotary_emb.inv_freq buffers")
     before = set(plan.weights)
-    weights = model.sanitize(plan.weights) if hasattr(model, "sanitize") else plan.weights
+    try:
+        weights = model.sanitize(plan.weights) if hasattr(model, "sanitize") else plan.weights
+    except (KeyError, IndexError, ValueError) as e:  # e.g. a MoE layer missing one expert
+        raise ConversionError(
+            f"the tensors do not fit mlx-lm's {plan.config['model_type']} layout ({type(e).__name__}: {e})"
+        ) from None
     gone, new = before - set(weights), set(weights) - before
     if gone and not new:
         plan.dropped.append(f"{len(gone)} tensors mlx-lm does not use, e.g. {min(gone)}")
@@ -278,18 +281,8 @@ def _save_shards(params: Dict[str, mx.array], out: Path, n_params: int) -> List[
 def _copy_tokenizer(src: Path, out: Path) -> List[str]:
     copied = []
     for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy(src / name, out / name)
+        path = file_in(src, name)
+        if path is not None:
+            shutil.copy(path, out / name)
             copied.append(name)
     return copied
-
-
-def _replace(tmp: Path, dst: Path) -> None:
-    """Move the finished directory into place; an old DST (force) goes only after."""
-    old = None
-    if dst.exists() or dst.is_symlink():
-        old = dst.with_name(f".{dst.name}.old-{tmp.name}")
-        dst.rename(old)
-    tmp.rename(dst)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()

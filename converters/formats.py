@@ -12,7 +12,9 @@ from infini_mlx.config import InfiniConfig
 from infini_mlx.upcycle import SUPPORTED_MODEL_TYPES
 
 from .checkpoint import Checkpoint
+from .config_check import check_config, whole
 from .errors import ConversionError
+from .paths import file_in
 
 FORMATS = {
     "hf": "plain Hugging Face model of a supported family, upcycled with new gates",
@@ -54,13 +56,16 @@ class Plan:
 
 
 def read_config(src: Path) -> dict:
-    path = src / "config.json"
+    path = file_in(src, "config.json")
+    if path is None:
+        raise ConversionError(f"{src}: unknown layout (no config.json, no model_config.json)")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConversionError(f"{src}: unknown layout (no config.json, no model_config.json)") from None
-    except ValueError as e:
+        config = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:
         raise ConversionError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def detect(src: Path) -> str:
@@ -88,7 +93,7 @@ def _check_family(config: dict, fmt: str, allowed) -> None:
 
 def _segment_len(config: dict, notes: List[str]) -> int:
     if "segment_size" in config:
-        return int(config.pop("segment_size"))
+        return whole(config.pop("segment_size"), "config.json: segment_size")
     notes.append(f"segment length not recorded: {DEFAULT_SEGMENT_LEN} assumed (override with --segment-len)")
     return DEFAULT_SEGMENT_LEN
 
@@ -101,12 +106,14 @@ def _gelu_note(config: dict, notes: List[str]) -> None:
         )
 
 
-def _open(src: Path, stage: Path):
+def _open(src: Path, stage: Optional[Path], config: dict, required=()):
+    """The checkpoint, its tensors (placeholders when stage is None) and what was found."""
     ckpt = Checkpoint(src)
+    check_config(config, ckpt.shapes, required)
     found = f"{len(ckpt.shapes)} tensors in {len(ckpt.files)} {ckpt.kind} file(s)"
     if ckpt.index is not None:
         found += f" (index {ckpt.index.name})"
-    return ckpt, ckpt.load(stage), found
+    return ckpt, ckpt.placeholders() if stage is None else ckpt.load(stage), found
 
 
 def _per_layer(found: Dict[int, mx.array], n_layers: int, what: str) -> List[mx.array]:
@@ -116,19 +123,20 @@ def _per_layer(found: Dict[int, mx.array], n_layers: int, what: str) -> List[mx.
     return [found[i] for i in range(n_layers)]
 
 
-def plan_hf(src: Path, stage: Path) -> Plan:
+def plan_hf(src: Path, stage: Optional[Path]) -> Plan:
+    """The plan of a plain model; with stage None its weights are placeholders, nothing is read."""
     config = read_config(src)
     _check_family(config, "hf", SUPPORTED_MODEL_TYPES)
-    ckpt, weights, found = _open(src, stage)
+    ckpt, weights, found = _open(src, stage, config)
     notes = ["no Infini gates in the checkpoint: new gates start at gate_init"]
     _gelu_note(config, notes)
     return Plan("hf", config, {}, weights, None, found, ckpt.largest_file, notes=notes)
 
 
-def plan_beomi(src: Path, stage: Path) -> Plan:
+def plan_beomi(src: Path, stage: Optional[Path]) -> Plan:
     config = read_config(src)
     _check_family(config, "beomi", ("llama", "gemma"))
-    ckpt, weights, found = _open(src, stage)
+    ckpt, weights, found = _open(src, stage, config, ("num_attention_heads", "num_hidden_layers"))
     H, n_layers = config["num_attention_heads"], config["num_hidden_layers"]
     notes: List[str] = []
     seg = _segment_len(config, notes)
@@ -145,10 +153,10 @@ def plan_beomi(src: Path, stage: Path) -> Plan:
                 ckpt.largest_file, mapped=mapped, notes=notes)
 
 
-def plan_jlamprou(src: Path, stage: Path) -> Plan:
+def plan_jlamprou(src: Path, stage: Optional[Path]) -> Plan:
     config = read_config(src)
     _check_family(config, "jlamprou", ("qwen2_moe",))
-    ckpt, weights, found = _open(src, stage)
+    ckpt, weights, found = _open(src, stage, config, ("num_attention_heads", "num_hidden_layers"))
     H, n_layers = config["num_attention_heads"], config["num_hidden_layers"]
     notes: List[str] = []
     seg = _segment_len(config, notes)
@@ -171,5 +179,5 @@ def plan_jlamprou(src: Path, stage: Path) -> Plan:
 def validate_infini(d: Dict) -> InfiniConfig:
     try:
         return InfiniConfig.from_dict(d)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise ConversionError(f"invalid Infini semantics: {e}") from None

@@ -10,15 +10,17 @@ piece goes. Model shape is in ``model_config.json``, Infini settings under
 import json
 import re
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
 import yaml
 
 from . import safetensors_io
+from .config_check import check_config, whole
 from .errors import ConversionError
 from .formats import DEFAULT_SEGMENT_LEN, Plan
+from .paths import file_in
 
 _FILE = re.compile(
     r"^model_(?P<param>.+?)(?:_pp-rank-\d+-of-\d+_tp-rank-(?P<tp>\d+)-of-(?P<tps>\d+)"
@@ -76,11 +78,13 @@ def _assemble(name: str, shards: Dict[int, Tuple[mx.array, dict]], tps: int) -> 
     return full
 
 
-def _read_params(root: Path) -> Tuple[Dict[str, mx.array], int, int, int]:
+def _read_params(src: Path) -> Tuple[Dict[str, mx.array], int, int, int]:
+    root = src / "model"
     groups: Dict[str, Dict[int, Tuple[mx.array, dict]]] = {}
     sizes: Dict[str, int] = {}
     n_files, largest = 0, 0
     for f in sorted(root.rglob("*.safetensors")):
+        f = file_in(src, f.relative_to(src))
         m = _FILE.match(f.name)
         if m is None:
             raise ConversionError(f"unexpected file in a nanotron checkpoint: {f.relative_to(root)}")
@@ -103,6 +107,9 @@ def _hf_config(mc: dict) -> dict:
     keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
             "rms_norm_eps", "vocab_size", "max_position_embeddings", "rope_theta",
             "rope_scaling", "tie_word_embeddings", "bos_token_id", "eos_token_id", "hidden_act")
+    for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"):
+        if k not in mc:
+            raise ConversionError(f"model_config.json: no {k}")
     config = {k: mc[k] for k in keys if k in mc}
     config["model_type"] = "llama"
     config["num_key_value_heads"] = mc.get("num_key_value_heads") or mc["num_attention_heads"]
@@ -111,14 +118,20 @@ def _hf_config(mc: dict) -> dict:
     return config
 
 
-def plan_nanotron(src: Path, stage: Path) -> Plan:
+def plan_nanotron(src: Path, stage: Optional[Path]) -> Plan:
+    """Its tensors are read lazily from safetensors files: ``stage`` is not needed."""
+    mc_path, yml_path = file_in(src, "model_config.json"), file_in(src, "config.yaml")
     try:
-        mc = json.loads((src / "model_config.json").read_text())
-        yml = yaml.safe_load((src / "config.yaml").read_text()) if (src / "config.yaml").exists() else {}
-    except (ValueError, yaml.YAMLError) as e:
+        mc = json.loads(mc_path.read_text())
+        yml = yaml.safe_load(yml_path.read_text()) if yml_path else {}
+    except (ValueError, RecursionError, yaml.YAMLError) as e:
         raise ConversionError(f"{src}: unreadable nanotron config ({e})") from None
+    if not isinstance(mc, dict) or not isinstance(yml or {}, dict):
+        raise ConversionError(f"{src}: unreadable nanotron config (not a mapping)")
     config = _hf_config(mc)
     args = (yml or {}).get("infini_attention") or {}
+    if not isinstance(args, dict):
+        raise ConversionError("config.yaml: infini_attention is not a mapping")
     notes: List[str] = []
     if args.get("turn_on_memory") is False:
         raise ConversionError("this nanotron run has turn_on_memory: false (no Infini memory to convert)")
@@ -127,10 +140,11 @@ def plan_nanotron(src: Path, stage: Path) -> Plan:
         notes.append(f"config.yaml has no infini_attention.segment_length: {DEFAULT_SEGMENT_LEN} assumed")
         seg = DEFAULT_SEGMENT_LEN
     act = args.get("balance_act_type", "orig_sigmoid")
-    if act not in GATE_ACTS:
+    if not isinstance(act, str) or act not in GATE_ACTS:
         raise ConversionError(f"unknown balance_act_type {act!r} (known: {', '.join(GATE_ACTS)})")
 
-    params, n_files, largest, tp = _read_params(src / "model")
+    params, n_files, largest, tp = _read_params(src)
+    check_config(config, {k: v.shape for k, v in params.items()}, where="model_config.json")
     H, Hkv = config["num_attention_heads"], config["num_key_value_heads"]
     D = config["hidden_size"] // H
     n_layers, inter = config["num_hidden_layers"], config["intermediate_size"]
@@ -160,7 +174,8 @@ def plan_nanotron(src: Path, stage: Path) -> Plan:
         f"{n_layers} x mlp.gate_up_proj -> gate_proj/up_proj",
         f"{n_layers} x attn.balance_factors ({H},) -> gate, activation {GATE_ACTS[act]}",
     ]
-    infini = dict(NANOTRON, segment_len=int(seg), gate_act=GATE_ACTS[act])
+    seg = whole(seg, "config.yaml: infini_attention.segment_length")
+    infini = dict(NANOTRON, segment_len=seg, gate_act=GATE_ACTS[act])
     return Plan("nanotron", config, infini, weights, gates, found, largest, mapped=mapped, notes=notes)
 
 

@@ -1,6 +1,7 @@
 """Safetensors: a checked lazy reader and a writer that holds one tensor at a time."""
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -20,11 +21,15 @@ _CODES = {
     mx.uint32: "U32", mx.uint16: "U16", mx.uint8: "U8", mx.bool_: "BOOL",
 }
 _UINT = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}
+MX_DTYPES = {**{code: dtype for dtype, code in _CODES.items()}, "F64": mx.float32}
 _MAX_HEADER = 100 << 20
+MAX_DIM = 2**31  # MLX array dimensions are 32-bit
 
 
 def read_header(path: Path) -> Tuple[Dict[str, dict], Dict[str, str]]:
-    """The tensor entries and the metadata of a safetensors file, checked against its size.
+    """The tensor entries and the metadata of a safetensors file, checked as the format demands:
+    a JSON object of entries with whole-number shapes and offsets, packed one after another
+    from the start of the data to its end, with no overlap, gap or alias.
 
     Raises:
         ConversionError: if the file is truncated or its header is malformed.
@@ -38,22 +43,54 @@ def read_header(path: Path) -> Tuple[Dict[str, dict], Dict[str, str]]:
         if n > min(size - 8, _MAX_HEADER):
             raise ConversionError(f"{path}: truncated or corrupt safetensors header")
         try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise ConversionError(f"{path}: corrupt safetensors header") from None
-    meta = header.pop("__metadata__", None) or {}
-    room = size - 8 - n
-    for name, e in header.items():
-        try:
-            begin, end = e["data_offsets"]
-            want = int(np.prod(e["shape"], dtype=np.int64)) * ITEMSIZE[e["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            raise ConversionError(f"{path}: malformed entry for {name}") from None
-        if end - begin != want or begin < 0:
-            raise ConversionError(f"{path}: {name} has {end - begin} bytes for shape {e['shape']}")
+            header = json.loads(f.read(n), object_pairs_hook=_unique)
+        except (ValueError, RecursionError) as e:
+            raise ConversionError(f"{path}: corrupt safetensors header ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(type(v) is str for v in meta.values()):
+        raise ConversionError(f"{path}: corrupt safetensors metadata (not a map of strings)")
+    spans = sorted((_span(path, name, e), name) for name, e in header.items())
+    at, room = 0, size - 8 - n
+    for (begin, end), name in spans:
+        if begin != at:
+            what = "overlaps the tensor before it" if begin < at else "leaves a gap before it"
+            raise ConversionError(f"{path}: {name} {what} (data_offsets [{begin}, {end}])")
         if end > room:
             raise ConversionError(f"{path}: truncated safetensors file ({name} ends past the end)")
+        at = end
+    if at != room:
+        raise ConversionError(f"{path}: {room - at} bytes after the last tensor (corrupt file)")
     return header, meta
+
+
+def _unique(pairs):
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError("a name appears twice")
+    return d
+
+
+def _span(path: Path, name: str, e) -> Tuple[int, int]:
+    """An entry's data_offsets, checked against its dtype and shape."""
+    dtype = e.get("dtype") if isinstance(e, dict) else None
+    ok = type(dtype) is str and dtype in ITEMSIZE and _ints(e.get("shape"), MAX_DIM)
+    offsets = e.get("data_offsets") if ok else None
+    if not (_ints(offsets, None) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        raise ConversionError(f"{path}: malformed entry for {name}")
+    begin, end = offsets
+    want = math.prod(e["shape"]) * ITEMSIZE[dtype]
+    if end - begin != want:
+        raise ConversionError(f"{path}: {name} has {end - begin} bytes for shape {e['shape']}")
+    return begin, end
+
+
+def _ints(xs, below) -> bool:
+    """xs is a list of whole numbers (not floats, strings or booleans), each >= 0 (and < below)."""
+    return isinstance(xs, list) and all(
+        type(x) is int and x >= 0 and (below is None or x < below) for x in xs
+    )
 
 
 def load(path: Path) -> Tuple[Dict[str, mx.array], Dict[str, str]]:

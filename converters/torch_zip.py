@@ -7,8 +7,9 @@ called, and the "tensors" that come out are only descriptions (storage, dtype,
 shape, stride, offset) whose bytes are read from the zip one tensor at a time.
 """
 
+import io
+import math
 import pickle
-import struct
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import ConversionError
+from .zip_entries import ZipEntries
 
 # torch storage type -> (safetensors dtype, itemsize)
 STORAGE_DTYPES = {
@@ -39,10 +41,25 @@ _MX_DTYPES = {
     "BOOL": mx.bool_,
 }
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+MAX_DIM = 2**31  # MLX array dimensions are 32-bit
+
+
+class _Refused(Exception):
+    """Raised while unpickling; reported with the file's name."""
+
+
+class _Frozen:
+    """Refuses the pickle's BUILD opcode (which calls ``__setstate__``): nothing the
+    unpickler hands out may be changed by the pickle itself."""
+
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise _Refused(f"the pickle tries to modify a {type(self).__name__.strip('_')} (BUILD opcode): refused")
 
 
 @dataclass(frozen=True)
-class StorageRef:
+class StorageRef(_Frozen):
     key: str
     dtype: str
     itemsize: int
@@ -64,7 +81,7 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.storage.itemsize
+        return math.prod(self.shape) * self.storage.itemsize
 
     def raw(self) -> np.ndarray:
         """The tensor's bytes as a contiguous little-endian unsigned-int array."""
@@ -79,34 +96,49 @@ class TensorRef:
 
 def _rebuild_tensor(storage, offset, size, stride, *args):
     if not isinstance(storage, StorageRef):
-        raise ConversionError("malformed tensor record in the pickle")
-    return _PendingTensor(storage, int(offset), tuple(size), tuple(stride))
+        raise _Refused("malformed tensor record in the pickle")
+    return _PendingTensor(storage, offset, tuple(size), tuple(stride))  # types checked later
 
 
 def _rebuild_parameter(data, *args):
     return data
 
 
-class _PendingTensor:
+class _PendingTensor(_Frozen):
     """What the unpickler builds; bound to its archive once the pickle is read."""
+
+    __slots__ = ("storage", "offset", "shape", "stride")
 
     def __init__(self, storage, offset, shape, stride):
         self.storage, self.offset, self.shape, self.stride = storage, offset, shape, stride
 
 
-class _StorageType:
+class _StorageType(_Frozen):
+    __slots__ = ("name",)
+
     def __init__(self, name):
         self.name = name
 
 
-# (module, name) -> what the unpickler may build for it. Nothing else is callable.
+class _Global(_Frozen):
+    """An allowed callable, as the pickle sees it: a fresh wrapper per reference."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+# (module, name) -> what the unpickler may call. Nothing else is callable.
 _ALLOWED = {
     ("collections", "OrderedDict"): OrderedDict,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    **{("torch", n): _StorageType(n) for n in STORAGE_DTYPES},
 }
 
 
@@ -116,13 +148,15 @@ class _SafeUnpickler(pickle.Unpickler):
         self.where = where
 
     def find_class(self, module, name):
-        allowed = _ALLOWED.get((module, name))
-        if allowed is None:
-            raise ConversionError(
-                f"{self.where}: refused to unpickle the global {module}.{name} "
-                "(only tensors and plain containers are allowed; nothing was executed)"
-            )
-        return allowed
+        # New objects on every call: no load can change what another load gets.
+        if module == "torch" and name in STORAGE_DTYPES:
+            return _StorageType(name)
+        if (module, name) in _ALLOWED:
+            return _Global(_ALLOWED[module, name])
+        raise ConversionError(
+            f"{self.where}: refused to unpickle the global {module}.{name} "
+            "(only tensors and plain containers are allowed; nothing was executed)"
+        )
 
     def persistent_load(self, pid):
         # ('storage', storage_type, key, location, numel)
@@ -134,25 +168,30 @@ class _SafeUnpickler(pickle.Unpickler):
         return StorageRef(str(pid[2]), *STORAGE_DTYPES[stype.name])
 
 
-def _flatten(obj, prefix: str, out: Dict[str, "_PendingTensor"], where: str):
+def _flatten(obj, prefix: str, out: Dict[str, "_PendingTensor"], seen: set, where: str):
     if isinstance(obj, _PendingTensor):
+        if prefix in out:
+            raise ConversionError(f"{where}: two tensors are named {prefix}")
         out[prefix] = obj
     elif isinstance(obj, dict):
+        if id(obj) in seen:  # a state dict is a tree: a cycle or a shared branch is a trap
+            raise ConversionError(f"{where}: a dictionary appears twice in the state dict")
+        seen.add(id(obj))
         for k, v in obj.items():
-            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, where)
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out, seen, where)
     elif obj is None or isinstance(obj, (int, float, str, bool, list, tuple)):
         pass  # training metadata (step counts, args) carries no weights
     else:
         raise ConversionError(f"{where}: unexpected object of type {type(obj).__name__}")
 
 
-def _state_dict(obj):
+def _state_dict(obj, depth: int = 0):
     """Unwrap training checkpoints of the form {"state_dict": {...}} or {"model": {...}}."""
     for key in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and not any(
+        if depth < 8 and isinstance(obj, dict) and isinstance(obj.get(key), dict) and not any(
             isinstance(v, _PendingTensor) for v in obj.values()
         ):
-            return _state_dict(obj[key])
+            return _state_dict(obj[key], depth + 1)
     return obj
 
 
@@ -175,6 +214,9 @@ class TorchZip:
             raise ConversionError(_not_a_zip(self.path)) from None
         except OSError as e:
             raise ConversionError(f"{self.path}: {e.strerror or e}") from None
+        except Exception as e:  # zipfile's other complaints about a damaged directory
+            raise ConversionError(f"{self.path}: corrupt zip file ({type(e).__name__})") from None
+        self.entries = ZipEntries(self.zip, self.path)
         names = self.zip.namelist()
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
@@ -185,46 +227,64 @@ class TorchZip:
             raise ConversionError(f"{self.path}: unknown byte order {order!r}")
         self.big_endian = order == "big"
         try:
-            obj = _SafeUnpickler(self.zip.open(pkl[0]), str(self.path)).load()
+            data = io.BytesIO(self.entries.read(self.zip.getinfo(pkl[0])))
+            obj = _SafeUnpickler(data, str(self.path)).load()
         except ConversionError:
             raise
+        except _Refused as e:
+            raise ConversionError(f"{self.path}: {e}") from None
         except Exception as e:  # a damaged pickle: report it, never run it
             raise ConversionError(f"{self.path}: unreadable pickle ({type(e).__name__}: {e})") from None
         pending: Dict[str, _PendingTensor] = {}
-        _flatten(_state_dict(obj), "", pending, str(self.path))
+        try:
+            _flatten(_state_dict(obj), "", pending, set(), str(self.path))
+        except (RecursionError, ValueError) as e:  # nested past Python's stack, an int key too long to print
+            raise ConversionError(f"{self.path}: malformed state dict ({type(e).__name__})") from None
         self.tensors: Dict[str, TensorRef] = {
             name: TensorRef(self, p.storage, p.offset, p.shape, p.stride)
             for name, p in pending.items()
         }
-        for t in self.tensors.values():
-            self._check(t)
+        for name, t in self.tensors.items():
+            self._check(name, t)
 
     def _text(self, name: str):
+        info = self.entries.info(self.prefix + name)
         try:
-            return self.zip.read(self.prefix + name).decode().strip()
-        except KeyError:
-            return None
+            return None if info is None else self.entries.read(info).decode().strip()
+        except UnicodeDecodeError:
+            raise ConversionError(f"{self.path}: corrupt zip entry {info.filename}") from None
 
     def _record(self, key: str) -> zipfile.ZipInfo:
-        try:
-            return self.zip.getinfo(f"{self.prefix}data/{key}")
-        except KeyError:
-            raise ConversionError(f"{self.path}: storage {key} is missing (truncated file?)") from None
+        info = self.entries.info(f"{self.prefix}data/{key}")
+        if info is None:
+            raise ConversionError(f"{self.path}: storage {key} is missing (truncated file?)")
+        return info
 
-    def _check(self, t: TensorRef):
+    def _check(self, name: str, t: TensorRef):
         ints = all(type(x) is int for x in (*t.shape, *t.stride, t.offset))
         if (
             not ints
             or (t.storage.dtype, t.storage.itemsize) not in STORAGE_DTYPES.values()
             or len(t.shape) != len(t.stride)
-            or any(d < 0 for d in t.shape)
+            or any(not 0 <= d < MAX_DIM for d in t.shape)
             or any(s < 0 for s in t.stride)
             or t.offset < 0
         ):
-            raise ConversionError(f"{self.path}: malformed tensor record")
-        span = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride)) + 1
-        if 0 not in t.shape and span * t.storage.itemsize > self._record(t.storage.key).file_size:
-            raise ConversionError(f"{self.path}: a tensor reaches past its storage (truncated file?)")
+            raise ConversionError(f"{self.path}: malformed tensor record for {name}")
+        if 0 in t.shape:
+            return
+        # Each element its own storage slot: a zero or overlapping stride would let a
+        # few stored bytes stand for a tensor of any size.
+        reach = 1
+        for s, d in sorted((s, d) for d, s in zip(t.shape, t.stride) if d > 1):
+            if s < reach:
+                raise ConversionError(
+                    f"{self.path}: {name} has aliasing strides {list(t.stride)} for shape {list(t.shape)} "
+                    "(expanded or overlapping views are not supported)"
+                )
+            reach += (d - 1) * s
+        if (t.offset + reach) * t.storage.itemsize > self._record(t.storage.key).file_size:
+            raise ConversionError(f"{self.path}: {name} reaches past its storage (truncated file?)")
 
     def read(self, t: TensorRef) -> np.ndarray:
         """Read one tensor: only the bytes it spans, strided and byte-swapped as needed."""
@@ -233,33 +293,12 @@ class TorchZip:
         if 0 in t.shape:
             return np.zeros(t.shape, _UINT[n])
         span = sum((d - 1) * s for d, s in zip(t.shape, t.stride)) + 1
-        info = self._record(t.storage.key)
-        if info.compress_type == zipfile.ZIP_STORED:
-            start = self._data_offset(info) + t.offset * n
-            with open(self.path, "rb") as f:
-                f.seek(start)
-                buf = f.read(span * n)
-        else:
-            with self.zip.open(info) as f:
-                f.seek(t.offset * n)
-                buf = f.read(span * n)
-        if len(buf) != span * n:
-            raise ConversionError(f"{self.path}: storage {t.storage.key} is truncated")
+        buf = self.entries.read(self._record(t.storage.key), t.offset * n, span * n)
         flat = np.frombuffer(buf, uint)
         a = np.lib.stride_tricks.as_strided(
             flat, t.shape, tuple(s * n for s in t.stride), writeable=False
         )
         return a.astype(_UINT[n], order="C")  # a copy: native order, contiguous, 0-d kept
-
-    def _data_offset(self, info: zipfile.ZipInfo) -> int:
-        # The local header's name/extra lengths can differ from the central directory's.
-        with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
-            head = f.read(30)
-        if len(head) < 30 or head[:4] != b"PK\x03\x04":
-            raise ConversionError(f"{self.path}: corrupt zip entry {info.filename}")
-        name_len, extra_len = struct.unpack("<HH", head[26:30])
-        return info.header_offset + 30 + name_len + extra_len
 
 
 def _not_a_zip(path: Path) -> str:

@@ -2,10 +2,12 @@
 
 import json
 import shutil
+import signal
+from contextlib import contextmanager
 
 import pytest
 from convert_helpers import FIXTURES, copy_fixture
-from infini_mlx.converters import ConversionError, convert
+from infini_mlx.converters import ConversionError, TorchZip, convert
 
 
 def _convert_fails(src, tmp_path, match, **kw):
@@ -91,3 +93,64 @@ def test_source_is_never_modified(tmp_path):
     convert(src, tmp_path / "out", infini={"segment_len": 8})
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
     shutil.rmtree(tmp_path / "out")
+
+
+@contextmanager
+def _within(seconds):
+    def hang(*_):
+        raise AssertionError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _edit_config(src, **changes):
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"num_hidden_layers": 10**7}, "num_hidden_layers is 10000000, but the checkpoint has only 21 tensors"),
+    ({"vocab_size": 10**12}, "vocab_size must be a whole number from 1 to 2147483647, got 1000000000000"),
+    ({"hidden_size": 32.5}, "hidden_size must be a whole number"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a whole number"),
+    ({"intermediate_size": "64"}, "intermediate_size must be a whole number"),
+])
+def test_absurd_configs_are_refused_before_building(changes, match, tmp_path):
+    src = copy_fixture("plain_llama_st", tmp_path)
+    _edit_config(src, **changes)
+    with _within(10):
+        _convert_fails(src, tmp_path, match)
+
+
+def test_segment_size_must_be_whole(tmp_path):
+    src = copy_fixture("beomi_gemma", tmp_path)
+    _edit_config(src, segment_size="8; rm -rf /")
+    _convert_fails(src, tmp_path, "segment_size must be a whole number")
+    _edit_config(src, segment_size=1e400)
+    _convert_fails(src, tmp_path, "segment_size must be a whole number")
+
+
+def test_config_that_is_not_an_object(tmp_path):
+    src = copy_fixture("plain_llama_st", tmp_path)
+    (src / "config.json").write_text("[1, 2]")
+    _convert_fails(src, tmp_path, "expected a JSON object, got list")
+
+
+@pytest.mark.parametrize("changes", [{"intermediate_size": 96}, {"vocab_size": 65}])
+def test_shapes_are_checked_before_any_tensor_is_read(changes, tmp_path, monkeypatch):
+    """A tensor the config does not expect is never read into memory (the stride
+    and storage checks bound its size by the file's; this bounds it by the config's)."""
+    src = copy_fixture("plain_llama_bin", tmp_path)
+    _edit_config(src, **changes)
+
+    def read(*_):
+        raise AssertionError("a tensor was read before the shapes were checked")
+
+    monkeypatch.setattr(TorchZip, "read", read)
+    _convert_fails(src, tmp_path, "shape mismatch")
