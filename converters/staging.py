@@ -30,6 +30,9 @@ def check_places(src: Path, dst: Path, force: bool, tokenizer: Optional[Path] = 
         raise ConversionError(f"{dst} contains the tokenizer directory {tokenizer}: refused")
     if (dst.exists() or dst.is_symlink()) and not force:
         raise ConversionError(f"{dst} exists (use --force to replace it)")
+    # --force replaces a model directory or an empty one, never any other folder or file.
+    if dst.exists() and not (dst.is_dir() and (not any(dst.iterdir()) or (dst / "config.json").is_file())):
+        raise ConversionError(f"{dst} is not a model directory: refused even with --force")
 
 
 @contextmanager

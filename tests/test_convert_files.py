@@ -167,3 +167,20 @@ def test_a_killed_runs_leftovers_are_removed_by_the_next(tmp_path):
     live.mkdir()  # a conversion still running (this process): kept
     convert(FIXTURES / "plain_llama_st", tmp_path / "out" / "dst")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [live.name, "dst"]
+
+
+def test_force_replaces_only_a_model_directory(tmp_path):
+    src = FIXTURES / "plain_llama_st"
+    home = tmp_path / "home"  # `infini convert SRC ~ --force` must not empty a home directory
+    home.mkdir()
+    (home / "notes.txt").write_text("keep me")
+    (tmp_path / "file.txt").write_text("keep me too")
+    for dst in (home, tmp_path / "file.txt"):
+        with pytest.raises(ConversionError, match="not a model directory"):
+            convert(src, dst, force=True)
+    assert (home / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "file.txt").read_text() == "keep me too"
+    (tmp_path / "empty").mkdir()
+    convert(src, tmp_path / "empty", force=True)  # an empty folder, then a model: replaced
+    convert(src, tmp_path / "empty", force=True)
+    assert (tmp_path / "empty" / "config.json").is_file()
