@@ -45,6 +45,8 @@ class _Group(TyperGroup):
                 # vendors click in recent versions, so they are told by module.
                 if type(e).__module__.startswith(("typer", "click")):
                     raise
+                if isinstance(e, BrokenPipeError):  # `| head`: Typer exits quietly
+                    raise
                 if os.environ.get(DEBUG_ENV):
                     raise
                 typer.echo(f"error: {_describe(e)}", err=True)

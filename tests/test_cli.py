@@ -259,9 +259,13 @@ def _wait_for_checkpoint(proc, state, above):
         time.sleep(0.02)
 
 
-def test_interrupt_kill_and_resume_as_a_real_subprocess(tiny, tmp_path):
+def _exe():
     exe = Path(sys.executable).parent / "infini"
-    exe = str(exe) if exe.exists() else shutil.which("infini")
+    return str(exe) if exe.exists() else shutil.which("infini")
+
+
+def test_interrupt_kill_and_resume_as_a_real_subprocess(tiny, tmp_path):
+    exe = _exe()
     text = book(12000, seed=7)
     path, state = tmp_path / "book.txt", tmp_path / "book.state"
     path.write_text(text)
@@ -307,3 +311,27 @@ def test_train_and_passkey_errors_are_one_line(tmp_path):
     r = cli("train", tmp_path / "run", "--tokenizer", tmp_path)
     assert r.exit_code == 1 and "no tokenizer.json" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_while_starting_is_one_line():
+    # Imports (MLX, mlx-lm, transformers) take a second: interrupt once MLX is in.
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    p = subprocess.Popen([_exe(), "info"], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if line.split("|")[-1].strip() == "mlx.core":
+            break
+    p.send_signal(signal.SIGINT)
+    err = p.stderr.read()
+    p.wait(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "interrupted"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["info", "--json"]])
+def test_a_reader_that_went_away_is_no_error(args):
+    read, write = os.pipe()
+    os.close(read)  # `infini ... | head` after head has quit
+    r = subprocess.run([_exe(), *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert r.stderr == "" and r.returncode == 1
