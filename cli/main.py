@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from infini_mlx import InfiniSession, InputError, ModelNotFoundError, StateFileError
+from infini_mlx import InfiniSession, InputError, ModelNotFoundError, StateFileError, openblas
 from infini_mlx.reading import check_text_file, fingerprint
 from infini_mlx.utils import resolve_model_path
 
@@ -346,6 +346,12 @@ app.command()(train)
 
 
 def main():
+    if openblas.STATUS == "missing":
+        typer.echo(
+            f"note: MLX computes ~30x slower here without OpenBLAS: {openblas.HINT} "
+            f"({openblas.ENV}=0 hides this note)",
+            err=True,
+        )
     app()
 
 

@@ -335,3 +335,40 @@ def test_a_reader_that_went_away_is_no_error(args):
     r = subprocess.run([_exe(), *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
     os.close(write)
     assert r.stderr == "" and r.returncode == 1
+
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+
+
+def _mlx_sgemm(cmd, tmp_path, **extra):
+    """The library MLX's cblas_sgemm is bound to in ``cmd``, run without LD_PRELOAD; and stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env.update(LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(tmp_path / "ld"), **extra)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for log in tmp_path.glob("ld.*"):
+        for line in log.read_text(errors="replace").splitlines():
+            if "libmlx.so" in line.split(" to ")[0] and "`cblas_sgemm'" in line:
+                return line.split(" to ")[1].split()[0], r.stderr
+    pytest.fail("MLX's cblas_sgemm binding not found")
+
+
+@pytest.mark.skipif(not Path(OPENBLAS).exists(), reason="Linux with libopenblas0-pthread only")
+def test_openblas_is_loaded_without_ld_preload(tmp_path):
+    # The README's first commands, as copied: `infini ...` and `pytest` (conftest imports infini_mlx).
+    for i, cmd in enumerate([[_exe(), "info"], [sys.executable, "-c", "import infini_mlx"]]):
+        (tmp_path / str(i)).mkdir()
+        lib, err = _mlx_sgemm(cmd, tmp_path / str(i))
+        assert "libopenblas" in lib and "openblas" not in err
+    (tmp_path / "off").mkdir()
+    lib, err = _mlx_sgemm([_exe(), "info"], tmp_path / "off", INFINI_OPENBLAS="0")
+    assert "libopenblas" not in lib and err == ""
+
+
+def test_missing_openblas_is_one_note(tmp_path):
+    r = subprocess.run([_exe(), "info"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "LD_PRELOAD": "", "INFINI_OPENBLAS": str(tmp_path / "none.so")})
+    assert r.returncode == 0
+    if sys.platform == "linux":
+        (note,) = r.stderr.strip().splitlines()
+        assert note.startswith("note: ") and "apt-get install libopenblas0-pthread" in note
