@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from infini_mlx import InfiniSession, InputError, ModelNotFoundError, StateFileError, openblas
 from infini_mlx.reading import check_text_file, fingerprint
@@ -29,7 +29,29 @@ def _echo_warning(message, category, filename, lineno, file=None, line=None):
     typer.echo(f"warning: {message}", err=True)
 
 
-class _Group(TyperGroup):
+class _Tidy:
+    """Help without a type for flags, and usage lines with FILE, not {file}."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if p.metavar is None and isinstance(p, TyperArgument):
+                p.metavar = p.name.upper()
+            elif p.metavar is None and getattr(p, "is_flag", False):
+                p.metavar = ""
+        return params
+
+    def collect_usage_pieces(self, ctx):
+        pieces = super().collect_usage_pieces(ctx)
+        args = [p.metavar for p in self.get_params(ctx) if isinstance(p, TyperArgument)]
+        return [x[1:-1] if x[1:-1] in args and x[0] == "{" else x for x in pieces]
+
+
+class _Command(_Tidy, TyperCommand):
+    pass
+
+
+class _Group(_Tidy, TyperGroup):
     """Turns every error into one line on stderr and a non-zero exit.
 
     ``INFINI_DEBUG=1`` lets the traceback through instead.
@@ -172,7 +194,7 @@ def _answer(session, stream, json_out: bool, key: str, extra: dict):
     }))
 
 
-@app.command()
+@app.command(cls=_Command)
 def read(
     file: Annotated[Path, typer.Argument(help="The text file to read (UTF-8).", show_default=False)],
     output: Annotated[
@@ -262,7 +284,7 @@ def read(
         )
 
 
-@app.command()
+@app.command(cls=_Command)
 def query(
     source: Source,
     question: Annotated[str, typer.Argument(help="The question to answer.", show_default=False)],
@@ -291,7 +313,7 @@ def query(
     _answer(session, stream, json_out, "answer", {"question": question})
 
 
-@app.command()
+@app.command(cls=_Command)
 def summarize(
     source: Source,
     max_tokens: MaxTokens = 512,
@@ -318,7 +340,7 @@ def summarize(
     _answer(session, stream, json_out, "summary", {})
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(
     target: Annotated[
         Optional[str],
@@ -334,15 +356,17 @@ def info(
     path = Path(target) if target else None
     if path is not None and path.is_file():
         d = state_info(path)
+    elif path is not None and not path.exists() and (path.suffix == ".state" or target.count("/") != 1):
+        raise InputError(f"{target}: no such state file or model directory")
     else:
         d = model_info(resolve_model_path(target))
     typer.echo(json.dumps(d) if json_out else format_info(d))
 
 
 # Commands written in their own modules.
-app.command()(convert)
-app.command()(passkey)
-app.command()(train)
+app.command(cls=_Command)(convert)
+app.command(cls=_Command)(passkey)
+app.command(cls=_Command)(train)
 
 
 def main():

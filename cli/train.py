@@ -57,7 +57,7 @@ def train(
     gate_lr: Annotated[float, typer.Option(help="Learning rate of the gates (Adam, no weight decay).")] = 1e-2,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay of the body.")] = 0.01,
     warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 50,
-    decay_steps: Annotated[int, typer.Option(help="Cosine decay to 10%% over this many steps (0: constant).")] = 0,
+    decay_steps: Annotated[int, typer.Option(help="Cosine decay to 10% over this many steps (0: constant).")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
     eval_every: Annotated[int, typer.Option(help="Steps between retrieval probes (0: off).")] = 0,
     eval_segments: Annotated[str, typer.Option(help="Segment counts the probe measures.")] = "2,8,32",

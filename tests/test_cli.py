@@ -55,6 +55,18 @@ def test_help_reads_well():
     assert "--top-p" in cli("summarize", "--help").stdout
 
 
+@pytest.mark.parametrize("name", ["", "read", "query", "summarize", "info", "convert", "passkey", "train"])
+def test_help_shows_no_markup_leftovers(name):
+    out = cli(*[name] * bool(name), "--help").stdout
+    assert "<bool>" not in out and "%%" not in out
+    usage = next(line for line in out.splitlines() if "Usage:" in line).strip()
+    assert "{" not in usage and "}" not in usage, usage
+    if name == "read":
+        assert usage == "Usage: infini read [OPTIONS] FILE"
+    if name == "train":
+        assert "Cosine decay to 10% over" in out
+
+
 def test_read_writes_the_state_of_one_prefill(tiny, shelf):
     model, tok = infini_mlx.load(tiny)
     text = (shelf / "book.txt").read_text()
@@ -208,6 +220,8 @@ BAD = [
     (["summarize", "{d}/binary.txt"], "binary"),
     (["info", "{d}/corrupt.state"], "corrupt or truncated"),
     (["info", "nobody/no-such-model"], "no-such-model"),
+    (["info", "{d}/missing.state"], "missing.state: no such state file or model directory"),
+    (["info", "missing.state"], "missing.state: no such state file or model directory"),
 ]
 
 
