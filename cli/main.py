@@ -2,10 +2,14 @@
 
 import json
 import os
+import shutil
 import struct
 import sys
+import tempfile
 import time
 import warnings
+from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -106,6 +110,25 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+
+def _version(value: bool):
+    if value:
+        v = {p: version(p) for p in ("infini-mlx", "mlx", "mlx-lm")}
+        typer.echo(f"infini-mlx {v['infini-mlx']} (mlx {v['mlx']}, mlx-lm {v['mlx-lm']})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    _: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    ] = False,
+):
+    pass
+
+
 # Options shared by several commands.
 Model = Annotated[
     Optional[str],
@@ -134,10 +157,29 @@ Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sam
 Source = Annotated[
     Path,
     typer.Argument(
-        help="A text file (read first) or a state file from `infini read` (answered at once).",
+        help="A text file (read first; - for stdin) or a state file from `infini read` "
+        "(answered at once).",
         show_default=False,
     ),
 ]
+STDIN = "<stdin>"
+
+
+@contextmanager
+def _input(path: Path):
+    """``path``, or for ``-`` standard input spooled to a temporary file (read in pieces,
+    and resumable like a file); and the name to record, None for a file's own."""
+    if str(path) != "-":
+        yield path, None
+        return
+    with tempfile.NamedTemporaryFile(prefix="infini-stdin-") as f:
+        shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+        f.flush()
+        try:
+            check_text_file(f.name)
+        except InputError as e:
+            raise InputError(str(e).replace(f.name, STDIN)) from None
+        yield Path(f.name), STDIN
 
 
 def _is_state(path: Path) -> bool:
@@ -149,7 +191,7 @@ def _is_state(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 1 << 32
 
 
-def _session(source: Path, model, segment_len):
+def _session(source: Path, model, segment_len, name=None):
     """A session that has read ``source``: restored from a state file, or read now."""
     if source.is_file() and _is_state(source):
         session = InfiniSession.restore(source, model, segment_len)
@@ -162,9 +204,9 @@ def _session(source: Path, model, segment_len):
         return session
     check_text_file(source)  # before the model loads
     session = InfiniSession.load(model, segment_len)
-    bar = ReadProgress(source.name)
+    bar = ReadProgress(name or source.name)
     try:
-        session.read(source, progress=bar)
+        session.read(source, progress=bar, name=name)
     finally:
         bar.close()
     return session
@@ -196,7 +238,9 @@ def _answer(session, stream, json_out: bool, key: str, extra: dict):
 
 @app.command(cls=_Command)
 def read(
-    file: Annotated[Path, typer.Argument(help="The text file to read (UTF-8).", show_default=False)],
+    file: Annotated[
+        Path, typer.Argument(help="The text file to read (UTF-8; - for stdin).", show_default=False)
+    ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="The state file to write.", show_default=False)
     ],
@@ -220,21 +264,28 @@ def read(
     """
     if resume and force:
         raise InputError("--resume and --force exclude each other: continue, or start over")
-    check_text_file(file)
+    stdin = str(file) == "-"
+    if not stdin:
+        check_text_file(file)
     if output.is_dir():
         raise InputError(f"{output} is a directory; name the state file to write")
     if not output.parent.is_dir():
         raise InputError(f"{output.parent}: no such directory for the state file")
-    if output.exists() and output.resolve() == file.resolve():
+    if output.exists() and not stdin and output.resolve() == file.resolve():
         raise InputError(f"{output} is the input file; name another state file")
     if output.exists() and not (resume or force):
         raise InputError(f"{output} exists; --resume continues it, --force overwrites it")
+    with _input(file) as (path, name):
+        _read(path, name, output, resume, checkpoint_every, model, segment_len, json_out)
 
+
+def _read(file, name, output, resume, checkpoint_every, model, segment_len, json_out):
+    shown = name or str(file)
     if resume and output.exists():
         session = InfiniSession.restore(output, model, segment_len)
         if session.meta.get("source_sha") != fingerprint(file):
             raise InputError(
-                f"{output} is a reading of {session.meta.get('source')}, not of {file}; "
+                f"{output} is a reading of {session.meta.get('source')}, not of {shown}; "
                 "--force starts over"
             )
     else:
@@ -243,10 +294,12 @@ def read(
     if session.complete and start_tokens:
         fed, seconds = 0, 0.0
     else:
-        bar = ReadProgress(file.name)
+        bar = ReadProgress(name or file.name)
         tic = time.perf_counter()
         try:
-            fed = session.read(file, progress=bar, checkpoint=output, checkpoint_every=checkpoint_every)
+            fed = session.read(
+                file, progress=bar, checkpoint=output, checkpoint_every=checkpoint_every, name=name
+            )
         except KeyboardInterrupt:
             bar.close()
             if session.checkpointed:
@@ -265,7 +318,7 @@ def read(
     if json_out:
         typer.echo(json.dumps({
             "state": str(output),
-            "source": str(file),
+            "source": shown,
             "tokens_read": session.tokens_read,
             "tokens_this_run": fed,
             "resumed_at": start_tokens,
@@ -274,11 +327,11 @@ def read(
             "peak_rss_bytes": peak_rss_bytes(),
         }))
     elif fed == 0:
-        typer.echo(f"{output} already holds all of {file} ({session.tokens_read:,} tokens)")
+        typer.echo(f"{output} already holds all of {shown} ({session.tokens_read:,} tokens)")
     else:
         resumed = f", resumed at {start_tokens:,}" if start_tokens else ""
         typer.echo(
-            f"read {session.tokens_read:,} tokens of {file} into {output}{resumed} "
+            f"read {session.tokens_read:,} tokens of {shown} into {output}{resumed} "
             f"({seconds:.1f} s, {fed / seconds:,.0f} tokens/s, "
             f"{rss_bytes() / 2**20:,.0f} MiB in use)"
         )
@@ -287,7 +340,13 @@ def read(
 @app.command(cls=_Command)
 def query(
     source: Source,
-    question: Annotated[str, typer.Argument(help="The question to answer.", show_default=False)],
+    question: Annotated[
+        Optional[str], typer.Argument(help="The question to answer (or --prompt).", show_default=False)
+    ] = None,
+    prompt: Annotated[
+        Optional[str],
+        typer.Option("--prompt", "-p", help="The question, as an option.", show_default=False),
+    ] = None,
     max_tokens: MaxTokens = 256,
     temp: Temp = 0.0,
     top_p: TopP = 1.0,
@@ -304,9 +363,15 @@ def query(
     `infini read` the answer starts at once, without reading again. The answer
     streams to stdout. Its quality depends entirely on the model.
     """
+    if question is not None and prompt is not None:
+        raise InputError("give the question once: as an argument or with --prompt")
+    question = prompt if question is None else question
+    if question is None:
+        raise InputError("no question: give one as an argument or with --prompt")
     if not question.strip():
         raise ValueError("the question is empty")
-    session = _session(source, model, segment_len)
+    with _input(source) as (path, name):
+        session = _session(path, model, segment_len, name)
     stream = session.stream_ask(
         question, max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed
     )
@@ -333,7 +398,8 @@ def summarize(
     summarized books with --temp 0.5 --top-p 0.95.) Its quality depends
     entirely on the model.
     """
-    session = _session(source, model, segment_len)
+    with _input(source) as (path, name):
+        session = _session(path, model, segment_len, name)
     stream = session.stream_summarize(
         max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed
     )

@@ -20,7 +20,7 @@ def _trials_per_length(trials: str, lengths):
 def passkey(
     model: Annotated[
         Optional[str],
-        typer.Option("--model", "-m", help="Model directory or Hugging Face id (default: the embedded model)."),
+        typer.Option("--model", help="Model directory or Hugging Face id (default: the embedded model)."),
     ] = None,
     lengths: Annotated[
         str, typer.Option(help="Prompt lengths in tokens of the model's tokenizer, e.g. 4k,32k,128k,1m.")
@@ -43,12 +43,17 @@ def passkey(
     ] = None,
     needle_trials: Annotated[int, typer.Option(help="Trials per needle length.")] = 20,
     perplexity: Annotated[
-        bool, typer.Option(help="Also perplexity on the held-out books, memory on and off.")
+        bool, typer.Option("--perplexity", help="Also perplexity on the held-out books, memory on and off.")
     ] = False,
     ppl_tokens: Annotated[
         int, typer.Option(help="Tokens of each held-out book scored (0: the whole book).")
     ] = 0,
-    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON.")] = None,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the results as JSON on stdout instead of the table.")
+    ] = False,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Also write the results as JSON to this file.")
+    ] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a length x depth heatmap PNG.")] = None,
 ):
     """Passkey retrieval accuracy by length and depth, in the paper's prompt format."""
@@ -75,12 +80,16 @@ def passkey(
         rows += passkey_eval(m, tok, [length], D, n, seed, batch, progress=say)
     result = {"model": model or "embedded", "seed": seed, "batch": batch, "passkey": rows}
 
+    def echo(line):
+        if not json_out:
+            typer.echo(line)
+
     head = f"{'length':>8} " + " ".join(f"{d:>8}" for d in D) + f" {'trials':>6} {'tok/s':>8} {'MLX MB':>8} {'RSS MB':>8}"
-    typer.echo(head)
+    echo(head)
     for r in rows:
         cells = " ".join(f"{r['cells'][d]['accuracy']:>8.0%}" for d in D)
         n = r["cells"][next(iter(D))]["trials"]
-        typer.echo(
+        echo(
             f"{format_length(r['length']):>8} {cells} {n:>6} {r['tokens_per_s']:>8.0f}"
             f" {r['peak_memory_mb']:>8.1f} {r['peak_rss_mb']:>8.0f}"
         )
@@ -89,16 +98,18 @@ def passkey(
         NL = [parse_length(x) for x in needle.split(",") if x.strip()]
         result["needle"] = needle_eval(m, tok, NL, needle_trials, seed=seed, batch=batch, progress=say)
         for r in result["needle"]:
-            typer.echo(f"needle (4 facts, 1 asked) {format_length(r['length'])}: "
+            echo(f"needle (4 facts, 1 asked) {format_length(r['length'])}: "
                        f"{r['cells']['random']['accuracy']:.0%} of {r['cells']['random']['trials']}")
 
     if perplexity:
         result["perplexity"] = _perplexities(m, tok, ppl_tokens)
         for book, p in result["perplexity"].items():
-            typer.echo(f"perplexity {book}: memory on {p['memory_on']:.2f}, off {p['memory_off']:.2f} ({p['tokens']} tokens)")
+            echo(f"perplexity {book}: memory on {p['memory_on']:.2f}, off {p['memory_off']:.2f} ({p['tokens']} tokens)")
 
-    if json_file:
-        json_file.write_text(json.dumps(result, indent=1))
+    if json_out:
+        typer.echo(json.dumps(result))
+    if output:
+        output.write_text(json.dumps(result, indent=1))
     if plot:
         from infini_mlx.heatmap import render, write_png
 

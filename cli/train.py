@@ -28,7 +28,7 @@ def train(
     out: Annotated[Path, typer.Argument(help="Run directory: checkpoints and log; an existing run resumes.")],
     model: Annotated[
         Optional[str],
-        typer.Option("--model", "-m", help="Fine-tune this model (any that infini_mlx.load reads); default: a new one."),
+        typer.Option("--model", help="Fine-tune this model (any that infini_mlx.load reads); default: a new one."),
     ] = None,
     tokenizer: Annotated[
         Optional[Path], typer.Option(help="Tokenizer directory of a new model (scripts/train_tokenizer.py).")

@@ -159,6 +159,7 @@ class InfiniSession:
         progress: Optional[Progress] = None,
         checkpoint: Optional[Union[str, Path]] = None,
         checkpoint_every: int = 16,
+        name: Optional[str] = None,
     ) -> int:
         """Read a text file, or a text, into the memory; return the tokens read.
 
@@ -174,17 +175,19 @@ class InfiniSession:
             checkpoint: Save the state to this file every ``checkpoint_every``
                 segments and at the end (atomic writes).
             checkpoint_every: Segments between checkpoints.
+            name: The source recorded in the state (default: the file's
+                absolute path), e.g. ``"<stdin>"`` for a spooled copy.
 
         Raises:
             InputError: Missing file, directory, empty or binary file.
         """
         path = _as_path(source)
         if path is not None:
-            size, sha, name = check_text_file(path), fingerprint(path), str(path.resolve())
+            size, sha, name = check_text_file(path), fingerprint(path), name or str(path.resolve())
         else:
             if not source.strip():
                 raise InputError("the text is empty: there is nothing to read")
-            size, sha, name = len(source.encode("utf-8")), "", "<text>"
+            size, sha, name = len(source.encode("utf-8")), "", name or "<text>"
         m, before = self.meta, dict(self.meta)
         if m.get("complete") == "0" and m.get("source_sha") == sha and sha:
             start, skip = int(m["source_pos"]), int(m["source_skip"])

@@ -108,6 +108,40 @@ def test_query_and_summarize_answer_from_the_book(tiny, shelf):
     assert r.exit_code == 0 and len(r.stdout.split()) <= 7
 
 
+def test_flags_mean_one_thing_everywhere(tiny):
+    # -m is --max-tokens wherever it exists, as in mlx_lm.generate; --model has no short form.
+    for name in ["read", "query", "summarize", "info", "convert", "passkey", "train"]:
+        for line in cli(name, "--help").stdout.splitlines():
+            assert not ("--model" in line and " -m " in line), (name, line)
+    assert cli("passkey", "-m", tiny).exit_code == 2 and cli("train", "run", "-m", tiny).exit_code == 2
+    r = cli("--version")
+    assert r.exit_code == 0 and r.stdout.startswith(f"infini-mlx {infini_mlx.__version__} (mlx ")
+
+
+def test_question_by_prompt_and_book_from_stdin(tiny, shelf, tmp_path):
+    q = "t5 t6 t7"
+    want = cli("query", shelf / "book.state", q, "-m", 5, "--json").stdout
+    r = cli("query", shelf / "book.state", "-p", q, "-m", 5, "--json")
+    assert r.exit_code == 0 and r.stdout == want
+    for args, message in [(["-p", q, q], "give the question once"), ([], "no question")]:
+        r = cli("query", shelf / "book.state", *args)
+        assert r.exit_code == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.output
+
+    text = (shelf / "book.txt").read_text()
+    state = tmp_path / "s.state"
+    r = runner.invoke(app, ["read", "-", "-o", str(state), "--model", str(tiny)], input=text)
+    assert r.exit_code == 0 and "of <stdin> into" in r.stdout, r.output
+    model, _ = infini_mlx.load(tiny)
+    assert same_state(load_state(state, model)[0], load_state(shelf / "book.state", model)[0])
+    assert read_state(state)[1]["source"] == "<stdin>"
+    r = runner.invoke(app, ["query", "-", "-p", q, "-m", "5", "--json", "--model", str(tiny)], input=text)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["answer"] == json.loads(want)["answer"]
+    r = runner.invoke(app, ["summarize", "-", "--model", str(tiny)], input="")
+    assert r.exit_code == 1 and r.stderr == "error: <stdin> is empty: there is nothing to read\n"
+    assert list(tmp_path.iterdir()) == [state]
+
+
 def test_query_on_a_state_does_not_read_the_book(tiny, shelf, tmp_path, monkeypatch):
     shutil.copy(shelf / "book.state", tmp_path / "book.state")
     shutil.copy(shelf / "book.txt", tmp_path / "book.txt")

@@ -144,7 +144,7 @@ def test_passkey_command(tmp_path):
     out = CliRunner().invoke(
         app,
         ["passkey", "--lengths", "300,1k", "--depths", "start,end", "--trials", "3",
-         "--batch", "2", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")],
+         "--batch", "2", "-o", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")],
     )
     assert out.exit_code == 0, out.output
     table = out.stdout.splitlines()
@@ -157,6 +157,11 @@ def test_passkey_command(tmp_path):
     assert all(x["peak_memory_mb"] > 0 and x["tokens_per_s"] > 0 for x in r["passkey"])
     img = _read_png(tmp_path / "r.png")
     assert img.shape[0] > 100 and img.shape[1] > 100 and img.dtype == np.uint8
+
+    # --json: the results on stdout instead of the table, as every other command.
+    out = CliRunner().invoke(app, ["passkey", "--lengths", "300", "--depths", "end", "--trials", "1", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["passkey"][0]["cells"]["end"]["trials"] == 1
 
 
 def test_parsers():
