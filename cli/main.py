@@ -33,8 +33,30 @@ def _echo_warning(message, category, filename, lineno, file=None, line=None):
     typer.echo(f"warning: {message}", err=True)
 
 
+def _usage_error(e: Exception) -> bool:
+    """Click's usage errors (bad values, unknown options), not its "no arguments: help"."""
+    names = [c.__name__ for c in type(e).__mro__]
+    return "UsageError" in names and "NoArgsIsHelpError" not in names
+
+
+def _one_line(e) -> typer.Exit:
+    ctx = getattr(e, "ctx", None)
+    see = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    typer.echo(f"error: {e.format_message().rstrip('.')}{see}", err=True)
+    return typer.Exit(e.exit_code)
+
+
 class _Tidy:
-    """Help without a type for flags, and usage lines with FILE, not {file}."""
+    """Usage errors in one line; help without a type for flags, and usage lines
+    with FILE, not {file}."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except Exception as e:
+            if _usage_error(e):
+                raise _one_line(e) from None
+            raise
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
@@ -67,7 +89,9 @@ class _Group(_Tidy, TyperGroup):
             try:
                 return super().invoke(ctx)
             except Exception as e:
-                # Typer's own (usage errors, Exit, Abort) are Typer's to print; it
+                if _usage_error(e):  # raised by a command's own checks of its options
+                    raise _one_line(e) from None
+                # Typer's own (Exit, Abort, help) are Typer's to print; it
                 # vendors click in recent versions, so they are told by module.
                 if type(e).__module__.startswith(("typer", "click")):
                     raise
@@ -148,12 +172,20 @@ SegmentLen = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", "-m", min=1, help="Most tokens to generate.")]
-Temp = Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 is greedy.")]
-TopP = Annotated[float, typer.Option("--top-p", help="Sampling top-p (1 keeps every token).")]
-MinP = Annotated[float, typer.Option("--min-p", help="Sampling min-p (0 keeps every token).")]
-TopK = Annotated[int, typer.Option("--top-k", help="Sampling top-k (0 keeps every token).")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")]
+MaxTokens = Annotated[
+    int, typer.Option("--max-tokens", "-m", min=1, max=1_000_000, help="Most tokens to generate.")
+]
+Temp = Annotated[float, typer.Option("--temp", min=0, help="Sampling temperature; 0 is greedy.")]
+TopP = Annotated[
+    float, typer.Option("--top-p", min=0, max=1, help="Sampling top-p (1 keeps every token).")
+]
+MinP = Annotated[
+    float, typer.Option("--min-p", min=0, max=1, help="Sampling min-p (0 keeps every token).")
+]
+TopK = Annotated[int, typer.Option("--top-k", min=0, help="Sampling top-k (0 keeps every token).")]
+Seed = Annotated[
+    Optional[int], typer.Option("--seed", min=0, max=2**64 - 1, help="Random seed for sampling.")
+]
 Source = Annotated[
     Path,
     typer.Argument(

@@ -8,13 +8,33 @@ import numpy as np
 import typer
 
 
-def _trials_per_length(trials: str, lengths):
-    t = [int(x) for x in trials.split(",")]
-    if len(t) == 1:
-        return t * len(lengths)
-    if len(t) != len(lengths):
-        raise typer.BadParameter("give one --trials value, or one per length")
-    return t
+def _parse(option: str, parse, value: str):
+    """``parse(value)``, its ValueError a usage error of ``option``."""
+    try:
+        return parse(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=f"'{option}'") from None
+
+
+def _lengths(s: str):
+    from infini_mlx.passkey import parse_length
+
+    return [parse_length(x) for x in s.split(",") if x.strip()]
+
+
+def _trials(s: str):
+    t = [x.strip() for x in s.split(",")]
+    if not all(x.isdigit() and int(x) >= 1 for x in t):
+        raise ValueError(f"{s!r}: trials are whole numbers >= 1")
+    return [int(x) for x in t]
+
+
+def _trials_per_length(trials, lengths):
+    if len(trials) == 1:
+        return trials * len(lengths)
+    if len(trials) != len(lengths):
+        raise typer.BadParameter("give one value, or one per length", param_hint="'--trials'")
+    return trials
 
 
 def passkey(
@@ -32,21 +52,24 @@ def passkey(
     trials: Annotated[
         str, typer.Option(help="Trials per cell: one number, or one per length (e.g. 20,20,20,5).")
     ] = "20,20,20,5",
-    seed: Annotated[int, typer.Option(help="Seed of every passkey and needle.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of every passkey and needle.")] = 0,
     batch: Annotated[
         int,
-        typer.Option(help="Prompts streamed together, across depths (keep it fixed to compare memory across lengths)."),
+        typer.Option(
+            min=1,
+            help="Prompts streamed together, across depths (keep it fixed to compare memory across lengths).",
+        ),
     ] = 15,
     needle: Annotated[
         Optional[str],
         typer.Option(help="Also multi-key needle retrieval (4 facts, one asked) at these lengths, e.g. 32k,128k."),
     ] = None,
-    needle_trials: Annotated[int, typer.Option(help="Trials per needle length.")] = 20,
+    needle_trials: Annotated[int, typer.Option(min=1, help="Trials per needle length.")] = 20,
     perplexity: Annotated[
         bool, typer.Option("--perplexity", help="Also perplexity on the held-out books, memory on and off.")
     ] = False,
     ppl_tokens: Annotated[
-        int, typer.Option(help="Tokens of each held-out book scored (0: the whole book).")
+        int, typer.Option(min=0, help="Tokens of each held-out book scored (0: the whole book).")
     ] = 0,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the results as JSON on stdout instead of the table.")
@@ -62,13 +85,13 @@ def passkey(
         format_length,
         needle_eval,
         parse_depths,
-        parse_length,
         passkey_eval,
     )
 
-    L = [parse_length(x) for x in lengths.split(",") if x.strip()]
-    D = parse_depths(depths)
-    T = _trials_per_length(trials, L)
+    L = _parse("--lengths", _lengths, lengths)
+    D = _parse("--depths", parse_depths, depths)
+    T = _trials_per_length(_parse("--trials", _trials, trials), L)
+    NL = _parse("--needle", _lengths, needle) if needle else []
     m, tok = load(model)
 
     def say(s):
@@ -94,8 +117,7 @@ def passkey(
             f" {r['peak_memory_mb']:>8.1f} {r['peak_rss_mb']:>8.0f}"
         )
 
-    if needle:
-        NL = [parse_length(x) for x in needle.split(",") if x.strip()]
+    if NL:
         result["needle"] = needle_eval(m, tok, NL, needle_trials, seed=seed, batch=batch, progress=say)
         for r in result["needle"]:
             echo(f"needle (4 facts, 1 asked) {format_length(r['length'])}: "

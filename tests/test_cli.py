@@ -273,6 +273,46 @@ def test_bad_input_gets_one_clear_line(tiny, bad, shelf, args, message):
     assert after == before  # nothing overwritten, nothing left behind
 
 
+INVALID = [
+    (["query", "{state}", "q", "--temp", "-1"], "'--temp': Input should be greater than or equal to 0"),
+    (["query", "{state}", "q", "--top-p", "5"], "'--top-p': Input should be less than or equal to 1"),
+    (["summarize", "{state}", "--min-p", "2"], "'--min-p'"),
+    (["summarize", "{state}", "--top-k", "-3"], "'--top-k'"),
+    (["summarize", "{state}", "--seed", "-1"], "'--seed'"),
+    (["query", "{state}", "q", "-m", "99999999999999999999999"], "'-m': Input should be less than or equal to 1000000"),
+    (["passkey", "--lengths", "2x"], "'--lengths': '2x' is not a length"),
+    (["passkey", "--lengths", "4k,0"], "'--lengths': '0'"),
+    (["passkey", "--lengths", "inf"], "'--lengths': 'inf'"),
+    (["passkey", "--trials", "5,x"], "'--trials'"),
+    (["passkey", "--trials", "0"], "'--trials'"),
+    (["passkey", "--depths", "1.5"], "'--depths'"),
+    (["passkey", "--depths", "start,deep"], "'--depths'"),
+    (["passkey", "--depths", "sweep:x"], "'--depths'"),
+    (["passkey", "--needle", "3q"], "'--needle'"),
+    (["passkey", "--batch", "0"], "'--batch'"),
+    (["train", "{d}/run", "--segments", "4"], "'--segments'"),
+    (["train", "{d}/run", "--segments", "4,2"], "'--segments'"),
+    (["train", "{d}/run", "--arch", "{{bad"], "'--arch'"),
+    (["train", "{d}/run", "--infini", "[1]"], "'--infini'"),
+    (["train", "{d}/run", "--mix", "lm=x"], "'--mix'"),
+    (["train", "{d}/run", "--lr", "-1"], "'--lr'"),
+    (["train", "{d}/run", "--steps", "0"], "'--steps'"),
+    (["train", "{d}/run", "--eval-segments", "2,x"], "'--eval-segments'"),
+    (["convert", "{d}/src", "{d}/dst", "--segment-len", "0"], "'--segment-len'"),
+]
+
+
+@pytest.mark.parametrize("args,message", INVALID, ids=[" ".join(a[-2:]) for a, _ in INVALID])
+def test_invalid_values_are_refused_before_any_work(shelf, tmp_path, args, message):
+    args = [a.format(state=shelf / "book.state", d=tmp_path) for a in args]
+    r = cli(*args)
+    assert r.exit_code == 2, r.output
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
+    assert line.endswith(f"(see infini {args[0]} --help)")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_embedded_model_gets_one_clear_line(shelf, tmp_path, monkeypatch):
     monkeypatch.setattr(infini_mlx.utils, "DEFAULT_MODEL", tmp_path / "not-installed")
     for args in [["info"], ["read", shelf / "book.txt", "-o", tmp_path / "s.state"]]:
