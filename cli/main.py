@@ -245,17 +245,25 @@ def _session(source: Path, model, segment_len, name=None):
 
 
 def _answer(session, stream, json_out: bool, key: str, extra: dict):
-    """Print generated text as it comes, or one JSON object at the end."""
+    """Print generated text as it comes and statistics on stderr, or one JSON object at the end."""
     parts = []
     for text in stream:
         parts.append(text)
         if not json_out:
             typer.echo(text, nl=False)
             sys.stdout.flush()
+    r = session.response
     if not json_out:
         typer.echo()
+        if r:  # as mlx_lm.generate --verbose
+            typer.echo(
+                f"{'=' * 10}\n"
+                f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec\n"
+                f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
+                f"Peak memory: {r.peak_memory:.3f} GB",
+                err=True,
+            )
         return
-    r = session.response
     typer.echo(json.dumps({
         **extra,
         key: "".join(parts),
@@ -265,6 +273,9 @@ def _answer(session, stream, json_out: bool, key: str, extra: dict):
         "prompt_tokens": r.prompt_tokens if r else 0,
         "generation_tokens": r.generation_tokens if r else 0,
         "finish_reason": r.finish_reason if r else None,
+        "prompt_tps": round(r.prompt_tps, 3) if r else None,
+        "generation_tps": round(r.generation_tps, 3) if r else None,
+        "peak_memory_gb": round(r.peak_memory, 3) if r else None,
     }))
 
 
@@ -308,10 +319,10 @@ def read(
     if output.exists() and not (resume or force):
         raise InputError(f"{output} exists; --resume continues it, --force overwrites it")
     with _input(file) as (path, name):
-        _read(path, name, output, resume, checkpoint_every, model, segment_len, json_out)
+        _read(path, name, output, resume, force, checkpoint_every, model, segment_len, json_out)
 
 
-def _read(file, name, output, resume, checkpoint_every, model, segment_len, json_out):
+def _read(file, name, output, resume, force, checkpoint_every, model, segment_len, json_out):
     shown = name or str(file)
     if resume and output.exists():
         session = InfiniSession.restore(output, model, segment_len)
@@ -330,7 +341,8 @@ def _read(file, name, output, resume, checkpoint_every, model, segment_len, json
         tic = time.perf_counter()
         try:
             fed = session.read(
-                file, progress=bar, checkpoint=output, checkpoint_every=checkpoint_every, name=name
+                file, progress=bar, checkpoint=output, checkpoint_every=checkpoint_every, name=name,
+                overwrite=force,
             )
         except KeyboardInterrupt:
             bar.close()

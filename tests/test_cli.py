@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -122,7 +123,12 @@ def test_question_by_prompt_and_book_from_stdin(tiny, shelf, tmp_path):
     q = "t5 t6 t7"
     want = cli("query", shelf / "book.state", q, "-m", 5, "--json").stdout
     r = cli("query", shelf / "book.state", "-p", q, "-m", 5, "--json")
-    assert r.exit_code == 0 and r.stdout == want
+    assert r.exit_code == 0, r.output
+
+    def untimed(out):
+        return {k: v for k, v in json.loads(out).items() if not k.endswith("_tps")}
+
+    assert untimed(r.stdout) == untimed(want)
     for args, message in [(["-p", q, q], "give the question once"), ([], "no question")]:
         r = cli("query", shelf / "book.state", *args)
         assert r.exit_code == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.output
@@ -140,6 +146,18 @@ def test_question_by_prompt_and_book_from_stdin(tiny, shelf, tmp_path):
     r = runner.invoke(app, ["summarize", "-", "--model", str(tiny)], input="")
     assert r.exit_code == 1 and r.stderr == "error: <stdin> is empty: there is nothing to read\n"
     assert list(tmp_path.iterdir()) == [state]
+
+
+def test_answers_are_followed_by_statistics_on_stderr(tiny, shelf):
+    r = cli("query", shelf / "book.state", "t5 t6", "-m", 4)
+    assert r.exit_code == 0, r.output
+    rule, prompt, generation, memory = r.stderr.splitlines()
+    assert rule == "=" * 10 and re.fullmatch(r"Prompt: 4 tokens, [\d.]+ tokens-per-sec", prompt)
+    assert re.fullmatch(r"Generation: 4 tokens, [\d.]+ tokens-per-sec", generation)
+    assert re.fullmatch(r"Peak memory: \d+\.\d{3} GB", memory)
+    assert not r.stdout.startswith("\n") and len(r.stdout.split()) == 4
+    out = json.loads(cli("summarize", shelf / "book.state", "-m", 4, "--json").stdout)
+    assert out["generation_tokens"] == 4 and out["generation_tps"] > 0 and out["peak_memory_gb"] > 0
 
 
 def test_query_on_a_state_does_not_read_the_book(tiny, shelf, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """InfiniSession: reading in pieces, asking from a copy, saving, resuming, chat templates."""
 
 import io
+import types
 from pathlib import Path
 
 import mlx.core as mx
@@ -82,6 +83,33 @@ def test_save_and_restore(tiny, tmp_path):
     restored = InfiniSession.restore(tmp_path / "s.state")  # the model it records
     assert same_state(session.cache, restored.cache)
     assert restored.ask("t4", max_tokens=6) == session.ask("t4", max_tokens=6)
+
+
+def test_save_overwrites_only_when_asked(tiny, tmp_path):
+    path = tmp_path / "s.state"
+    path.write_bytes(b"keep me")
+    session = InfiniSession.load(tiny)
+    session.read(book(40, seed=3))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        session.save(path)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        InfiniSession.load(tiny).read(book(40, seed=3), checkpoint=path)
+    assert path.read_bytes() == b"keep me"
+    session.save(path, overwrite=True)
+    assert InfiniSession.restore(path).tokens_read == 40
+
+
+def test_answers_start_at_their_first_word(tiny, monkeypatch):
+    # A plain prompt ends with "Answer:": models often go on with a line break.
+    def stream(*args, **kwargs):
+        for text in ["\n", " ", "\n Alice", " went", "\n"]:
+            yield types.SimpleNamespace(text=text)
+
+    session = InfiniSession.load(tiny)
+    session.read(book(40, seed=3))
+    monkeypatch.setattr(infini_mlx.session, "stream_generate", stream)
+    assert session.ask("Who?") == "Alice went\n"
+    assert list(session.stream_summarize()) == ["Alice", " went", "\n"]
 
 
 def test_interrupted_read_resumes_to_the_uninterrupted_state(tiny, tmp_path, monkeypatch):
