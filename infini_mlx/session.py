@@ -174,7 +174,8 @@ class InfiniSession:
         Args:
             source: A path (a ``Path``, or a str naming an existing file), or
                 the text itself (a str containing whitespace).
-            progress: Called as ``progress(tokens_read, bytes_done, bytes_total)``.
+            progress: Called as ``progress(tokens_read, bytes_done, bytes_total)``;
+                ``bytes_done`` is estimated within a piece.
             checkpoint: Save the state to this file every ``checkpoint_every``
                 segments and at the end (atomic writes).
             checkpoint_every: Segments between checkpoints.
@@ -207,14 +208,15 @@ class InfiniSession:
         m.update(source_chunk=str(chunk))
         m.update(complete="0", source_pos=str(start), source_skip=str(skip))
 
-        at = [start, skip]  # where the tokens handed to the model so far end
+        at = [start, skip, 1]  # where the tokens handed to the model so far end; piece's tokens
         seg = self.cache[0].segment_len
         base = last = self.cache[0].offset // seg
 
         def tokens():
             for off, ids in reading.pieces(self.tokenizer, path or source, start, head, chunk):
+                at[2] = max(len(ids), 1)
                 for i in range(skip if off == start else 0, len(ids)):
-                    at[:] = off, i + 1
+                    at[:2] = off, i + 1
                     yield ids[i]
 
         def step(fed):
@@ -230,7 +232,8 @@ class InfiniSession:
                     self.save(checkpoint, overwrite=True)
                 last = done
             if progress:
-                progress(self.tokens_read, at[0], size)
+                # Into the piece too (a piece is about ``chunk`` bytes), not by 64 KiB steps.
+                progress(self.tokens_read, at[0] + min(chunk, size - at[0]) * at[1] // at[2], size)
 
         first = self.tokens_read
         prefill(self.model, tokens(), self.cache, step)

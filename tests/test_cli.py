@@ -202,13 +202,24 @@ def test_info_on_a_model_and_a_state(tiny, shelf):
     assert f"{WORDS} tokens: all of" in human and "segment_len=8" in human
 
 
-def test_progress_bar_only_on_a_terminal():
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_progress_bar_fits_the_terminal(width, monkeypatch):
+    monkeypatch.setenv("COLUMNS", str(width))
     out = io.StringIO()
-    bar = ReadProgress("book.txt", stream=out, enabled=True)
-    bar(100, 50, 100)
-    bar(200, 100, 100)
+    bar = ReadProgress("a_book_with_a_long_name.txt", stream=out, enabled=True)
+    for tokens, done in [(0, 0), (22016, 400), (54409, 1000)]:
+        time.sleep(0.11)  # updates come at most every 0.1 s
+        bar(tokens, done, 1000)
     bar.close()
-    assert "book.txt" in out.getvalue() and "tokens/s" in out.getvalue() and "MiB in use" in out.getvalue()
+    frames = re.split(r"[\r\n]", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue()))
+    frames = [f.rstrip() for f in frames if f.strip()]
+    assert len(frames) >= 3 and all(len(f) <= width for f in frames), frames
+    for f in frames:  # the share read, tokens, tokens/s, memory, elapsed and time left
+        assert re.search(r"\d+% +[\d,]+ tok +[\d,]+ tok/s +[\d,]+ MiB +\d:\d\d:\d\d +eta \S+$", f), f
+    (middle,) = [f for f in frames if "22,016 tok" in f]
+    assert " 40% " in middle and "100%" in frames[-1]
+    if width >= 120:
+        assert middle.startswith("a_book_with_a_long_name") and "━" in middle
     quiet = io.StringIO()  # not a terminal
     bar = ReadProgress("book.txt", stream=quiet)
     bar(100, 100, 100)

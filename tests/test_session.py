@@ -55,6 +55,17 @@ def test_read_in_pieces_equals_one_prefill_of_the_whole_text(tiny, tmp_path, mon
     assert session.complete and session.meta["source"] == str((tmp_path / "b.txt").resolve())
 
 
+def test_progress_moves_with_the_tokens_not_by_pieces(tiny, tmp_path):
+    path = tmp_path / "b.txt"
+    path.write_text(book(40000, seed=1))  # three pieces of 64 KiB
+    calls = []
+    InfiniSession.load(tiny).read(path, progress=lambda *a: calls.append(a))
+    total_tokens = calls[-1][0]
+    assert calls[-1][1:] == (path.stat().st_size,) * 2
+    for tokens, done, size in calls:
+        assert abs(done / size - tokens / total_tokens) < 0.02, (tokens, done)
+
+
 def test_questions_are_answered_from_a_copy(tiny):
     text = book(300, seed=2)
     session = InfiniSession.load(tiny)
