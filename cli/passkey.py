@@ -44,14 +44,14 @@ def passkey(
     ] = None,
     lengths: Annotated[
         str, typer.Option(help="Prompt lengths in tokens of the model's tokenizer, e.g. 4k,32k,128k,1m.")
-    ] = "4k,32k,128k,1m",
+    ] = "4k,32k",
     depths: Annotated[
         str,
         typer.Option(help="Where the passkey sits: start,middle,end; numbers in [0,1]; or sweep:N."),
     ] = "start,middle,end",
     trials: Annotated[
         str, typer.Option(help="Trials per cell: one number, or one per length (e.g. 20,20,20,5).")
-    ] = "20,20,20,5",
+    ] = "3",
     seed: Annotated[int, typer.Option(min=0, help="Seed of every passkey and needle.")] = 0,
     batch: Annotated[
         int,
@@ -79,7 +79,12 @@ def passkey(
     ] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a length x depth heatmap PNG.")] = None,
 ):
-    """Passkey retrieval accuracy by length and depth, in the paper's prompt format."""
+    """Passkey retrieval accuracy by length and depth, in the paper's prompt format.
+
+    Without options, a quick check: 4K and 32K tokens, 3 trials per cell (under
+    a minute for the embedded model on 2 CPU cores). The full evaluation,
+    --lengths 4k,32k,128k,1m --trials 20,20,20,5, takes about an hour there.
+    """
     from infini_mlx import load
     from infini_mlx.passkey import (
         format_length,

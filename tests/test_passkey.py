@@ -164,6 +164,28 @@ def test_passkey_command(tmp_path):
     assert json.loads(out.stdout)["passkey"][0]["cells"]["end"]["trials"] == 1
 
 
+def test_plain_passkey_is_a_quick_check(monkeypatch):
+    from infini_mlx.cli.main import app
+
+    import infini_mlx.passkey as pk
+
+    asked = []
+
+    def fake_eval(model, tok, lengths, depths, trials, *args, **kwargs):
+        asked.append((lengths[0], len(depths), trials))
+        cells = {d: {"accuracy": 0.0, "trials": trials} for d in depths}
+        return [dict(length=lengths[0], cells=cells, tokens_per_s=1.0, peak_memory_mb=1.0, peak_rss_mb=1.0)]
+
+    monkeypatch.setattr(pk, "passkey_eval", fake_eval)
+    monkeypatch.setattr(infini_mlx, "load", lambda model: (None, None))
+    r = CliRunner().invoke(app, ["passkey"])
+    assert r.exit_code == 0, r.output
+    # About a minute of reading on 2 cores at ~7K tokens/s; the full evaluation is ~30M tokens.
+    assert sum(length * depths * trials for length, depths, trials in asked) <= 400_000, asked
+    help = " ".join(CliRunner().invoke(app, ["passkey", "--help"]).stdout.replace("│", " ").split())
+    assert "--lengths 4k,32k,128k,1m --trials 20,20,20,5" in help and "about an hour" in help
+
+
 def test_parsers():
     assert [parse_length(s) for s in ["4k", "32K", "1m", "300", "0.5k"]] == [4096, 32768, 1 << 20, 300, 512]
     assert parse_depths("start,middle,end") == {"start": 0.0, "middle": 0.5, "end": 1.0}
