@@ -135,7 +135,6 @@ app = typer.Typer(
 )
 
 
-
 def _version(value: bool):
     if value:
         v = {p: version(p) for p in ("infini-mlx", "mlx", "mlx-lm")}
