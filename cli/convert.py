@@ -15,14 +15,14 @@ def convert(
         None, "--from", help="Force the format: hf, beomi, jlamprou or nanotron (default: detected)."
     ),
     segment_len: Optional[int] = typer.Option(
-        None, "--segment-len", help="Segment length N, when the checkpoint does not record it (or to override)."
+        None, "--segment-len", min=1, help="Segment length N, when the checkpoint does not record it (or to override)."
     ),
     gate_init: Optional[float] = typer.Option(
         None, "--gate-init", help="Initial gate logit of a plain model's new gates (default 0: sigmoid 0.5)."
     ),
     quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize the base weights with mlx-lm."),
-    q_bits: int = typer.Option(4, "--q-bits", help="Bits per weight when quantizing."),
-    q_group_size: int = typer.Option(64, "--q-group-size", help="Group size when quantizing."),
+    q_bits: int = typer.Option(4, "--q-bits", min=1, max=8, help="Bits per weight when quantizing."),
+    q_group_size: int = typer.Option(64, "--q-group-size", min=1, help="Group size when quantizing."),
     dtype: Optional[str] = typer.Option(
         None, "--dtype", help="float16, bfloat16 or float32 (default: the config's torch_dtype)."
     ),

@@ -2,17 +2,21 @@
 
 import json
 import os
+import shutil
 import struct
 import sys
+import tempfile
 import time
 import warnings
+from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from infini_mlx import InfiniSession, InputError, ModelNotFoundError, StateFileError
+from infini_mlx import InfiniSession, InputError, ModelNotFoundError, StateFileError, openblas
 from infini_mlx.reading import check_text_file, fingerprint
 from infini_mlx.utils import resolve_model_path
 
@@ -29,7 +33,51 @@ def _echo_warning(message, category, filename, lineno, file=None, line=None):
     typer.echo(f"warning: {message}", err=True)
 
 
-class _Group(TyperGroup):
+def _usage_error(e: Exception) -> bool:
+    """Click's usage errors (bad values, unknown options), not its "no arguments: help"."""
+    names = [c.__name__ for c in type(e).__mro__]
+    return "UsageError" in names and "NoArgsIsHelpError" not in names
+
+
+def _one_line(e) -> typer.Exit:
+    ctx = getattr(e, "ctx", None)
+    see = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+    typer.echo(f"error: {e.format_message().rstrip('.')}{see}", err=True)
+    return typer.Exit(e.exit_code)
+
+
+class _Tidy:
+    """Usage errors in one line; help without a type for flags, and usage lines
+    with FILE, not {file}."""
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except Exception as e:
+            if _usage_error(e):
+                raise _one_line(e) from None
+            raise
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            if p.metavar is None and isinstance(p, TyperArgument):
+                p.metavar = p.name.upper()
+            elif p.metavar is None and getattr(p, "is_flag", False):
+                p.metavar = ""
+        return params
+
+    def collect_usage_pieces(self, ctx):
+        pieces = super().collect_usage_pieces(ctx)
+        args = [p.metavar for p in self.get_params(ctx) if isinstance(p, TyperArgument)]
+        return [x[1:-1] if x[1:-1] in args and x[0] == "{" else x for x in pieces]
+
+
+class _Command(_Tidy, TyperCommand):
+    pass
+
+
+class _Group(_Tidy, TyperGroup):
     """Turns every error into one line on stderr and a non-zero exit.
 
     ``INFINI_DEBUG=1`` lets the traceback through instead.
@@ -41,9 +89,13 @@ class _Group(TyperGroup):
             try:
                 return super().invoke(ctx)
             except Exception as e:
-                # Typer's own (usage errors, Exit, Abort) are Typer's to print; it
+                if _usage_error(e):  # raised by a command's own checks of its options
+                    raise _one_line(e) from None
+                # Typer's own (Exit, Abort, help) are Typer's to print; it
                 # vendors click in recent versions, so they are told by module.
                 if type(e).__module__.startswith(("typer", "click")):
+                    raise
+                if isinstance(e, BrokenPipeError):  # `| head`: Typer exits quietly
                     raise
                 if os.environ.get(DEBUG_ENV):
                     raise
@@ -82,6 +134,24 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+def _version(value: bool):
+    if value:
+        v = {p: version(p) for p in ("infini-mlx", "mlx", "mlx-lm")}
+        typer.echo(f"infini-mlx {v['infini-mlx']} (mlx {v['mlx']}, mlx-lm {v['mlx-lm']})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    _: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    ] = False,
+):
+    pass
+
+
 # Options shared by several commands.
 Model = Annotated[
     Optional[str],
@@ -101,19 +171,46 @@ SegmentLen = Annotated[
     ),
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", "-m", min=1, help="Most tokens to generate.")]
-Temp = Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 is greedy.")]
-TopP = Annotated[float, typer.Option("--top-p", help="Sampling top-p (1 keeps every token).")]
-MinP = Annotated[float, typer.Option("--min-p", help="Sampling min-p (0 keeps every token).")]
-TopK = Annotated[int, typer.Option("--top-k", help="Sampling top-k (0 keeps every token).")]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")]
+MaxTokens = Annotated[
+    int, typer.Option("--max-tokens", "-m", min=1, max=1_000_000, help="Most tokens to generate.")
+]
+Temp = Annotated[float, typer.Option("--temp", min=0, help="Sampling temperature; 0 is greedy.")]
+TopP = Annotated[
+    float, typer.Option("--top-p", min=0, max=1, help="Sampling top-p (1 keeps every token).")
+]
+MinP = Annotated[
+    float, typer.Option("--min-p", min=0, max=1, help="Sampling min-p (0 keeps every token).")
+]
+TopK = Annotated[int, typer.Option("--top-k", min=0, help="Sampling top-k (0 keeps every token).")]
+Seed = Annotated[
+    Optional[int], typer.Option("--seed", min=0, max=2**64 - 1, help="Random seed for sampling.")
+]
 Source = Annotated[
     Path,
     typer.Argument(
-        help="A text file (read first) or a state file from `infini read` (answered at once).",
+        help="A text file (read first; - for stdin) or a state file from `infini read` "
+        "(answered at once).",
         show_default=False,
     ),
 ]
+STDIN = "<stdin>"
+
+
+@contextmanager
+def _input(path: Path):
+    """``path``, or for ``-`` standard input spooled to a temporary file (read in pieces,
+    and resumable like a file); and the name to record, None for a file's own."""
+    if str(path) != "-":
+        yield path, None
+        return
+    with tempfile.NamedTemporaryFile(prefix="infini-stdin-") as f:
+        shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+        f.flush()
+        try:
+            check_text_file(f.name)
+        except InputError as e:
+            raise InputError(str(e).replace(f.name, STDIN)) from None
+        yield Path(f.name), STDIN
 
 
 def _is_state(path: Path) -> bool:
@@ -125,7 +222,7 @@ def _is_state(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 1 << 32
 
 
-def _session(source: Path, model, segment_len):
+def _session(source: Path, model, segment_len, name=None):
     """A session that has read ``source``: restored from a state file, or read now."""
     if source.is_file() and _is_state(source):
         session = InfiniSession.restore(source, model, segment_len)
@@ -138,26 +235,34 @@ def _session(source: Path, model, segment_len):
         return session
     check_text_file(source)  # before the model loads
     session = InfiniSession.load(model, segment_len)
-    bar = ReadProgress(source.name)
+    bar = ReadProgress(name or source.name)
     try:
-        session.read(source, progress=bar)
+        session.read(source, progress=bar, name=name)
     finally:
         bar.close()
     return session
 
 
 def _answer(session, stream, json_out: bool, key: str, extra: dict):
-    """Print generated text as it comes, or one JSON object at the end."""
+    """Print generated text as it comes and statistics on stderr, or one JSON object at the end."""
     parts = []
     for text in stream:
         parts.append(text)
         if not json_out:
             typer.echo(text, nl=False)
             sys.stdout.flush()
+    r = session.response
     if not json_out:
         typer.echo()
+        if r:  # as mlx_lm.generate --verbose
+            typer.echo(
+                f"{'=' * 10}\n"
+                f"Prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.3f} tokens-per-sec\n"
+                f"Generation: {r.generation_tokens} tokens, {r.generation_tps:.3f} tokens-per-sec\n"
+                f"Peak memory: {r.peak_memory:.3f} GB",
+                err=True,
+            )
         return
-    r = session.response
     typer.echo(json.dumps({
         **extra,
         key: "".join(parts),
@@ -167,12 +272,17 @@ def _answer(session, stream, json_out: bool, key: str, extra: dict):
         "prompt_tokens": r.prompt_tokens if r else 0,
         "generation_tokens": r.generation_tokens if r else 0,
         "finish_reason": r.finish_reason if r else None,
+        "prompt_tps": round(r.prompt_tps, 3) if r else None,
+        "generation_tps": round(r.generation_tps, 3) if r else None,
+        "peak_memory_gb": round(r.peak_memory, 3) if r else None,
     }))
 
 
-@app.command()
+@app.command(cls=_Command)
 def read(
-    file: Annotated[Path, typer.Argument(help="The text file to read (UTF-8).", show_default=False)],
+    file: Annotated[
+        Path, typer.Argument(help="The text file to read (UTF-8; - for stdin).", show_default=False)
+    ],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="The state file to write.", show_default=False)
     ],
@@ -196,21 +306,28 @@ def read(
     """
     if resume and force:
         raise InputError("--resume and --force exclude each other: continue, or start over")
-    check_text_file(file)
+    stdin = str(file) == "-"
+    if not stdin:
+        check_text_file(file)
     if output.is_dir():
         raise InputError(f"{output} is a directory; name the state file to write")
     if not output.parent.is_dir():
         raise InputError(f"{output.parent}: no such directory for the state file")
-    if output.exists() and output.resolve() == file.resolve():
+    if output.exists() and not stdin and output.resolve() == file.resolve():
         raise InputError(f"{output} is the input file; name another state file")
     if output.exists() and not (resume or force):
         raise InputError(f"{output} exists; --resume continues it, --force overwrites it")
+    with _input(file) as (path, name):
+        _read(path, name, output, resume, force, checkpoint_every, model, segment_len, json_out)
 
+
+def _read(file, name, output, resume, force, checkpoint_every, model, segment_len, json_out):
+    shown = name or str(file)
     if resume and output.exists():
         session = InfiniSession.restore(output, model, segment_len)
         if session.meta.get("source_sha") != fingerprint(file):
             raise InputError(
-                f"{output} is a reading of {session.meta.get('source')}, not of {file}; "
+                f"{output} is a reading of {session.meta.get('source')}, not of {shown}; "
                 "--force starts over"
             )
     else:
@@ -219,10 +336,13 @@ def read(
     if session.complete and start_tokens:
         fed, seconds = 0, 0.0
     else:
-        bar = ReadProgress(file.name)
+        bar = ReadProgress(name or file.name)
         tic = time.perf_counter()
         try:
-            fed = session.read(file, progress=bar, checkpoint=output, checkpoint_every=checkpoint_every)
+            fed = session.read(
+                file, progress=bar, checkpoint=output, checkpoint_every=checkpoint_every, name=name,
+                overwrite=force,
+            )
         except KeyboardInterrupt:
             bar.close()
             if session.checkpointed:
@@ -241,7 +361,7 @@ def read(
     if json_out:
         typer.echo(json.dumps({
             "state": str(output),
-            "source": str(file),
+            "source": shown,
             "tokens_read": session.tokens_read,
             "tokens_this_run": fed,
             "resumed_at": start_tokens,
@@ -250,20 +370,26 @@ def read(
             "peak_rss_bytes": peak_rss_bytes(),
         }))
     elif fed == 0:
-        typer.echo(f"{output} already holds all of {file} ({session.tokens_read:,} tokens)")
+        typer.echo(f"{output} already holds all of {shown} ({session.tokens_read:,} tokens)")
     else:
         resumed = f", resumed at {start_tokens:,}" if start_tokens else ""
         typer.echo(
-            f"read {session.tokens_read:,} tokens of {file} into {output}{resumed} "
+            f"read {session.tokens_read:,} tokens of {shown} into {output}{resumed} "
             f"({seconds:.1f} s, {fed / seconds:,.0f} tokens/s, "
             f"{rss_bytes() / 2**20:,.0f} MiB in use)"
         )
 
 
-@app.command()
+@app.command(cls=_Command)
 def query(
     source: Source,
-    question: Annotated[str, typer.Argument(help="The question to answer.", show_default=False)],
+    question: Annotated[
+        Optional[str], typer.Argument(help="The question to answer (or --prompt).", show_default=False)
+    ] = None,
+    prompt: Annotated[
+        Optional[str],
+        typer.Option("--prompt", "-p", help="The question, as an option.", show_default=False),
+    ] = None,
     max_tokens: MaxTokens = 256,
     temp: Temp = 0.0,
     top_p: TopP = 1.0,
@@ -280,16 +406,22 @@ def query(
     `infini read` the answer starts at once, without reading again. The answer
     streams to stdout. Its quality depends entirely on the model.
     """
+    if question is not None and prompt is not None:
+        raise InputError("give the question once: as an argument or with --prompt")
+    question = prompt if question is None else question
+    if question is None:
+        raise InputError("no question: give one as an argument or with --prompt")
     if not question.strip():
         raise ValueError("the question is empty")
-    session = _session(source, model, segment_len)
+    with _input(source) as (path, name):
+        session = _session(path, model, segment_len, name)
     stream = session.stream_ask(
         question, max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed
     )
     _answer(session, stream, json_out, "answer", {"question": question})
 
 
-@app.command()
+@app.command(cls=_Command)
 def summarize(
     source: Source,
     max_tokens: MaxTokens = 512,
@@ -309,14 +441,15 @@ def summarize(
     summarized books with --temp 0.5 --top-p 0.95.) Its quality depends
     entirely on the model.
     """
-    session = _session(source, model, segment_len)
+    with _input(source) as (path, name):
+        session = _session(path, model, segment_len, name)
     stream = session.stream_summarize(
         max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed
     )
     _answer(session, stream, json_out, "summary", {})
 
 
-@app.command()
+@app.command(cls=_Command)
 def info(
     target: Annotated[
         Optional[str],
@@ -332,18 +465,26 @@ def info(
     path = Path(target) if target else None
     if path is not None and path.is_file():
         d = state_info(path)
+    elif path is not None and not path.exists() and (path.suffix == ".state" or target.count("/") != 1):
+        raise InputError(f"{target}: no such state file or model directory")
     else:
         d = model_info(resolve_model_path(target))
     typer.echo(json.dumps(d) if json_out else format_info(d))
 
 
 # Commands written in their own modules.
-app.command()(convert)
-app.command()(passkey)
-app.command()(train)
+app.command(cls=_Command)(convert)
+app.command(cls=_Command)(passkey)
+app.command(cls=_Command)(train)
 
 
 def main():
+    if openblas.STATUS == "missing":
+        typer.echo(
+            f"note: MLX computes ~30x slower here without OpenBLAS: {openblas.HINT} "
+            f"({openblas.ENV}=0 hides this note)",
+            err=True,
+        )
     app()
 
 

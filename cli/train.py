@@ -7,9 +7,30 @@ from typing import Annotated, Optional
 import typer
 
 
-def _pair(s: str):
-    a, b = (int(x) for x in s.split(","))
-    return [a, b]
+def _check(option: str, ok: bool, message: str):
+    if not ok:
+        raise typer.BadParameter(message, param_hint=f"'{option}'")
+
+
+def _ints(option: str, s: str):
+    parts = [x.strip() for x in s.split(",")]
+    _check(option, all(x.isdigit() and int(x) >= 1 for x in parts), f"{s!r}: whole numbers >= 1, comma-separated")
+    return [int(x) for x in parts]
+
+
+def _pair(option: str, s: str):
+    p = _ints(option, s)
+    _check(option, len(p) == 2 and p[0] <= p[1], f"{s!r}: give min,max with min <= max, e.g. 1,4")
+    return p
+
+
+def _object(option: str, s: str):
+    try:
+        d = json.loads(s)
+    except json.JSONDecodeError as e:
+        d = e
+    _check(option, isinstance(d, dict), f"{s!r} is not a JSON object")
+    return d
 
 
 def _mix(s: str):
@@ -18,9 +39,13 @@ def _mix(s: str):
     out = {}
     for part in s.split(","):
         k, _, v = part.partition("=")
-        if k.strip() not in TASKS:
-            raise typer.BadParameter(f"unknown task {k.strip()!r} in --mix; known: {', '.join(TASKS)}")
-        out[k.strip()] = float(v or 1)
+        _check("--mix", k.strip() in TASKS, f"unknown task {k.strip()!r}; known: {', '.join(TASKS)}")
+        try:
+            out[k.strip()] = float(v or 1)
+        except ValueError:
+            out[k.strip()] = -1.0
+        _check("--mix", out[k.strip()] >= 0, f"{part!r}: a task's weight is a number >= 0")
+    _check("--mix", sum(out.values()) > 0, "give at least one task a weight above 0")
     return out
 
 
@@ -28,7 +53,7 @@ def train(
     out: Annotated[Path, typer.Argument(help="Run directory: checkpoints and log; an existing run resumes.")],
     model: Annotated[
         Optional[str],
-        typer.Option("--model", "-m", help="Fine-tune this model (any that infini_mlx.load reads); default: a new one."),
+        typer.Option("--model", help="Fine-tune this model (any that infini_mlx.load reads); default: a new one."),
     ] = None,
     tokenizer: Annotated[
         Optional[Path], typer.Option(help="Tokenizer directory of a new model (scripts/train_tokenizer.py).")
@@ -39,32 +64,38 @@ def train(
     infini: Annotated[
         str, typer.Option(help='JSON "infini" block, e.g. \'{"segment_len": 128, "update": "delta"}\'.')
     ] = "{}",
-    steps: Annotated[int, typer.Option(help="Train until this many steps in total.")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
+    steps: Annotated[int, typer.Option(min=1, help="Train until this many steps in total.")] = 1000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per step.")] = 8,
     segments: Annotated[str, typer.Option(help="min,max segments per sequence at the start.")] = "1,4",
     segments_final: Annotated[
         Optional[str], typer.Option(help="min,max segments at the end of the curriculum.")
     ] = None,
-    curriculum_steps: Annotated[int, typer.Option(help="Steps over which the segment range widens.")] = 0,
+    curriculum_steps: Annotated[
+        int, typer.Option(min=0, help="Steps over which the segment range widens.")
+    ] = 0,
     mix: Annotated[
         str, typer.Option(help="Task probabilities, e.g. lm=0.5,passkey=0.25,needle=0.25.")
     ] = "lm=0.5,passkey=0.25,needle=0.25",
-    answer_weight: Annotated[float, typer.Option(help="Loss weight of answer tokens.")] = 10.0,
+    answer_weight: Annotated[float, typer.Option(min=0, help="Loss weight of answer tokens.")] = 10.0,
     loss_positions: Annotated[
-        int, typer.Option(help="Score only the answers plus random targets, this many per sequence (0: all).")
+        int,
+        typer.Option(min=0, help="Score only the answers plus random targets, this many per sequence (0: all)."),
     ] = 0,
     lr: Annotated[float, typer.Option(help="Learning rate of the body (AdamW).")] = 1e-3,
     gate_lr: Annotated[float, typer.Option(help="Learning rate of the gates (Adam, no weight decay).")] = 1e-2,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay of the body.")] = 0.01,
-    warmup: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 50,
-    decay_steps: Annotated[int, typer.Option(help="Cosine decay to 10%% over this many steps (0: constant).")] = 0,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 100,
-    eval_every: Annotated[int, typer.Option(help="Steps between retrieval probes (0: off).")] = 0,
+    weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay of the body.")] = 0.01,
+    warmup: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 50,
+    decay_steps: Annotated[
+        int, typer.Option(min=0, help="Cosine decay to 10% over this many steps (0: constant).")
+    ] = 0,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 100,
+    eval_every: Annotated[int, typer.Option(min=0, help="Steps between retrieval probes (0: off).")] = 0,
     eval_segments: Annotated[str, typer.Option(help="Segment counts the probe measures.")] = "2,8,32",
     carry_state: Annotated[
-        float, typer.Option(help="Probability that a batch starts from the memory the last one ended with.")
+        float,
+        typer.Option(min=0.0, max=1.0, help="Probability that a batch starts from the memory the last one ended with."),
     ] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed of the initial weights and the data stream.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the initial weights and the data stream.")] = 0,
     books: Annotated[
         Optional[str], typer.Option(help="Training book files to use, comma-separated (default: all five).")
     ] = None,
@@ -80,16 +111,18 @@ def train(
     from infini_mlx.train import TrainArgs
     from infini_mlx.train import train as run
 
+    _check("--lr", lr > 0, f"{lr} is not a learning rate: a number > 0")
+    _check("--gate-lr", gate_lr > 0, f"{gate_lr} is not a learning rate: a number > 0")
     args = TrainArgs(
         out=str(out),
         init=model,
         tokenizer=str(tokenizer) if tokenizer else None,
-        arch=json.loads(arch),
-        infini=json.loads(infini),
+        arch=_object("--arch", arch),
+        infini=_object("--infini", infini),
         steps=steps,
         batch_size=batch_size,
-        segments=_pair(segments),
-        segments_final=_pair(segments_final) if segments_final else None,
+        segments=_pair("--segments", segments),
+        segments_final=_pair("--segments-final", segments_final) if segments_final else None,
         curriculum_steps=curriculum_steps,
         mix=_mix(mix),
         answer_weight=answer_weight,
@@ -101,7 +134,7 @@ def train(
         decay_steps=decay_steps,
         checkpoint_every=checkpoint_every,
         eval_every=eval_every,
-        eval_segments=[int(x) for x in eval_segments.split(",")],
+        eval_segments=_ints("--eval-segments", eval_segments),
         carry_state=carry_state,
         seed=seed,
     )

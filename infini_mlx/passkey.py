@@ -6,6 +6,7 @@ Logits are computed for the last block of a prefill only (the whole block).
 """
 
 import itertools
+import math
 import re
 import resource
 import time
@@ -27,9 +28,15 @@ _INT = re.compile(r"\d+")
 
 def parse_length(s: str) -> int:
     """'4k' -> 4096, '1m' -> 1048576, '300' -> 300."""
-    s = s.strip().lower()
-    mult = {"k": 1 << 10, "m": 1 << 20}.get(s[-1:], 1)
-    return int(float(s[:-1] if mult > 1 else s) * mult)
+    t = s.strip().lower()
+    mult = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise ValueError(f"{s!r} is not a length: a number of tokens, e.g. 300, 4k or 1m") from None
+    if not (math.isfinite(n) and n >= 1):
+        raise ValueError(f"{s!r} is not a length: at least 1 token, e.g. 300, 4k or 1m")
+    return int(n)
 
 
 def format_length(n: int) -> str:
@@ -42,12 +49,20 @@ def format_length(n: int) -> str:
 def parse_depths(s: str) -> Dict[str, float]:
     """'start,middle,end', or 'sweep:5' for 0, 0.25, ..., 1, or numbers in [0, 1]."""
     if s.startswith("sweep:"):
-        n = int(s.split(":")[1])
-        return {f"{d:.2f}": d for d in np.linspace(0, 1, n)}
+        n = s.split(":")[1]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"{s!r}: sweep:N takes a number of depths N >= 1")
+        return {f"{d:.2f}": d for d in np.linspace(0, 1, int(n))}
     out = {}
     for p in s.split(","):
         p = p.strip()
-        out[p] = DEPTHS[p] if p in DEPTHS else float(p)
+        try:
+            d = DEPTHS[p] if p in DEPTHS else float(p)
+        except ValueError:
+            d = None
+        if d is None or not 0 <= d <= 1:
+            raise ValueError(f"{p!r} is not a depth: start, middle, end or a number in [0, 1]")
+        out[p] = d
     return out
 
 

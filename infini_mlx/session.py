@@ -69,6 +69,7 @@ class InfiniSession:
         }
         self.response = None  # the last mlx-lm GenerationResponse
         self.checkpointed = 0  # tokens in the last checkpoint written
+        self.path: Optional[Path] = None  # the state file last restored or saved
         self._fingerprint = None
 
     @classmethod
@@ -120,6 +121,7 @@ class InfiniSession:
         session.cache, saved = load_state(path, session.model, session.fingerprint)
         session.meta.update({k: saved[k] for k in _KEYS if k in saved})
         session.checkpointed = session.tokens_read
+        session.path = Path(path).resolve()
         return session
 
     @property
@@ -160,6 +162,8 @@ class InfiniSession:
         progress: Optional[Progress] = None,
         checkpoint: Optional[Union[str, Path]] = None,
         checkpoint_every: int = 16,
+        name: Optional[str] = None,
+        overwrite: bool = False,
     ) -> int:
         """Read a text file, or a text, into the memory; return the tokens read.
 
@@ -171,21 +175,29 @@ class InfiniSession:
         Args:
             source: A path (a ``Path``, or a str naming an existing file), or
                 the text itself (a str containing whitespace).
-            progress: Called as ``progress(tokens_read, bytes_done, bytes_total)``.
+            progress: Called as ``progress(tokens_read, bytes_done, bytes_total)``;
+                ``bytes_done`` is estimated within a piece.
             checkpoint: Save the state to this file every ``checkpoint_every``
                 segments and at the end (atomic writes).
             checkpoint_every: Segments between checkpoints.
+            name: The source recorded in the state (default: the file's
+                absolute path), e.g. ``"<stdin>"`` for a spooled copy.
+            overwrite: Replace an existing ``checkpoint`` file other than the
+                one this session was restored from.
 
         Raises:
             InputError: Missing file, directory, empty or binary file.
+            FileExistsError: ``checkpoint`` exists and may not be replaced.
         """
+        if checkpoint is not None and not overwrite:
+            self._check_new(checkpoint)
         path = _as_path(source)
         if path is not None:
-            size, sha, name = check_text_file(path), fingerprint(path), str(path.resolve())
+            size, sha, name = check_text_file(path), fingerprint(path), name or str(path.resolve())
         else:
             if not source.strip():
                 raise InputError("the text is empty: there is nothing to read")
-            size, sha, name = len(source.encode("utf-8")), "", "<text>"
+            size, sha, name = len(source.encode("utf-8")), "", name or "<text>"
         m, before = self.meta, dict(self.meta)
         if m.get("complete") == "0" and m.get("source_sha") == sha and sha:
             start, skip = int(m["source_pos"]), int(m["source_skip"])
@@ -197,14 +209,15 @@ class InfiniSession:
         m.update(source_chunk=str(chunk))
         m.update(complete="0", source_pos=str(start), source_skip=str(skip))
 
-        at = [start, skip]  # where the tokens handed to the model so far end
+        at = [start, skip, 1]  # where the tokens handed to the model so far end; piece's tokens
         seg = self.cache[0].segment_len
         base = last = self.cache[0].offset // seg
 
         def tokens():
             for off, ids in reading.pieces(self.tokenizer, path or source, start, head, chunk):
+                at[2] = max(len(ids), 1)
                 for i in range(skip if off == start else 0, len(ids)):
-                    at[:] = off, i + 1
+                    at[:2] = off, i + 1
                     yield ids[i]
 
         def step(fed):
@@ -217,10 +230,11 @@ class InfiniSession:
                 m.update(source_pos=str(at[0]), source_skip=str(at[1]))
                 crossed = (done - base) // checkpoint_every > (last - base) // checkpoint_every
                 if checkpoint is not None and crossed:
-                    self.save(checkpoint)
+                    self.save(checkpoint, overwrite=True)
                 last = done
             if progress:
-                progress(self.tokens_read, at[0], size)
+                # Into the piece too (a piece is about ``chunk`` bytes), not by 64 KiB steps.
+                progress(self.tokens_read, at[0] + min(chunk, size - at[0]) * at[1] // at[2], size)
 
         first = self.tokens_read
         prefill(self.model, tokens(), self.cache, step)
@@ -230,15 +244,26 @@ class InfiniSession:
             raise InputError(f"{path or 'the text'} holds no text to read")
         m.update(complete="1", source_pos=str(size), source_skip="0")
         if checkpoint is not None:
-            self.save(checkpoint)
+            self.save(checkpoint, overwrite=True)
         if progress:
             progress(self.tokens_read, size, size)
         return fed
 
-    def save(self, path: Union[str, Path]) -> None:
-        """Save the memory and what was read to a state file (an atomic write)."""
+    def _check_new(self, path: Union[str, Path]):
+        if Path(path).exists() and Path(path).resolve() != self.path:
+            raise FileExistsError(f"{path} exists; overwrite=True replaces it")
+
+    def save(self, path: Union[str, Path], overwrite: bool = False) -> None:
+        """Save the memory and what was read to a state file (an atomic write).
+
+        Raises:
+            FileExistsError: ``path`` exists and ``overwrite`` is False.
+        """
+        if not overwrite and Path(path).exists():
+            raise FileExistsError(f"{path} exists; overwrite=True replaces it")
         save_state(path, self.cache, self.model, self.meta, self.fingerprint)
         self.checkpointed = self.tokens_read
+        self.path = Path(path).resolve()
 
     def _fork(self) -> List[InfiniCache]:
         """A copy of the memory to answer from. Arrays are copied too, since
@@ -271,16 +296,22 @@ class InfiniSession:
         if seed is not None:
             mx.random.seed(seed)
         sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+        started = False
         for r in stream_generate(
             self.model, self.tokenizer, prompt, max_tokens,
             sampler=sampler, prompt_cache=self._fork(),
         ):
             self.response = r
-            if r.text:
-                yield r.text
+            # The answer starts at its first word, not at the line break after "Answer:".
+            text = r.text if started else r.text.lstrip()
+            if text:
+                started = True
+                yield text
 
     def stream_ask(self, question: str, **kwargs) -> Iterator[str]:
         """Answer a question about what was read, yielding text as it is generated.
+
+        The answer starts at its first non-blank text.
 
         Args:
             question: The question.

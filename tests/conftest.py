@@ -1,3 +1,6 @@
+import infini_mlx  # noqa: F401  first: on Linux it loads OpenBLAS before MLX loads
+
+# isort: split
 import shutil
 from pathlib import Path
 

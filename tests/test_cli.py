@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,6 +56,18 @@ def test_help_reads_well():
     assert "--top-p" in cli("summarize", "--help").stdout
 
 
+@pytest.mark.parametrize("name", ["", "read", "query", "summarize", "info", "convert", "passkey", "train"])
+def test_help_shows_no_markup_leftovers(name):
+    out = cli(*[name] * bool(name), "--help").stdout
+    assert "<bool>" not in out and "%%" not in out
+    usage = next(line for line in out.splitlines() if "Usage:" in line).strip()
+    assert "{" not in usage and "}" not in usage, usage
+    if name == "read":
+        assert usage == "Usage: infini read [OPTIONS] FILE"
+    if name == "train":
+        assert "Cosine decay to 10% over" in out
+
+
 def test_read_writes_the_state_of_one_prefill(tiny, shelf):
     model, tok = infini_mlx.load(tiny)
     text = (shelf / "book.txt").read_text()
@@ -94,6 +107,57 @@ def test_query_and_summarize_answer_from_the_book(tiny, shelf):
     assert json.loads(r.stdout)["summary"].split() == expected
     r = cli("summarize", shelf / "book.state", "-m", 7, "--temp", 0.8, "--top-p", 0.9, "--seed", 3)
     assert r.exit_code == 0 and len(r.stdout.split()) <= 7
+
+
+def test_flags_mean_one_thing_everywhere(tiny):
+    # -m is --max-tokens wherever it exists, as in mlx_lm.generate; --model has no short form.
+    for name in ["read", "query", "summarize", "info", "convert", "passkey", "train"]:
+        for line in cli(name, "--help").stdout.splitlines():
+            assert not ("--model" in line and " -m " in line), (name, line)
+    assert cli("passkey", "-m", tiny).exit_code == 2 and cli("train", "run", "-m", tiny).exit_code == 2
+    r = cli("--version")
+    assert r.exit_code == 0 and r.stdout.startswith(f"infini-mlx {infini_mlx.__version__} (mlx ")
+
+
+def test_question_by_prompt_and_book_from_stdin(tiny, shelf, tmp_path):
+    q = "t5 t6 t7"
+    want = cli("query", shelf / "book.state", q, "-m", 5, "--json").stdout
+    r = cli("query", shelf / "book.state", "-p", q, "-m", 5, "--json")
+    assert r.exit_code == 0, r.output
+
+    def untimed(out):
+        return {k: v for k, v in json.loads(out).items() if not k.endswith("_tps")}
+
+    assert untimed(r.stdout) == untimed(want)
+    for args, message in [(["-p", q, q], "give the question once"), ([], "no question")]:
+        r = cli("query", shelf / "book.state", *args)
+        assert r.exit_code == 1 and message in r.stderr and r.stderr.count("\n") == 1, r.output
+
+    text = (shelf / "book.txt").read_text()
+    state = tmp_path / "s.state"
+    r = runner.invoke(app, ["read", "-", "-o", str(state), "--model", str(tiny)], input=text)
+    assert r.exit_code == 0 and "of <stdin> into" in r.stdout, r.output
+    model, _ = infini_mlx.load(tiny)
+    assert same_state(load_state(state, model)[0], load_state(shelf / "book.state", model)[0])
+    assert read_state(state)[1]["source"] == "<stdin>"
+    r = runner.invoke(app, ["query", "-", "-p", q, "-m", "5", "--json", "--model", str(tiny)], input=text)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["answer"] == json.loads(want)["answer"]
+    r = runner.invoke(app, ["summarize", "-", "--model", str(tiny)], input="")
+    assert r.exit_code == 1 and r.stderr == "error: <stdin> is empty: there is nothing to read\n"
+    assert list(tmp_path.iterdir()) == [state]
+
+
+def test_answers_are_followed_by_statistics_on_stderr(tiny, shelf):
+    r = cli("query", shelf / "book.state", "t5 t6", "-m", 4)
+    assert r.exit_code == 0, r.output
+    rule, prompt, generation, memory = r.stderr.splitlines()
+    assert rule == "=" * 10 and re.fullmatch(r"Prompt: 4 tokens, [\d.]+ tokens-per-sec", prompt)
+    assert re.fullmatch(r"Generation: 4 tokens, [\d.]+ tokens-per-sec", generation)
+    assert re.fullmatch(r"Peak memory: \d+\.\d{3} GB", memory)
+    assert not r.stdout.startswith("\n") and len(r.stdout.split()) == 4
+    out = json.loads(cli("summarize", shelf / "book.state", "-m", 4, "--json").stdout)
+    assert out["generation_tokens"] == 4 and out["generation_tps"] > 0 and out["peak_memory_gb"] > 0
 
 
 def test_query_on_a_state_does_not_read_the_book(tiny, shelf, tmp_path, monkeypatch):
@@ -138,13 +202,24 @@ def test_info_on_a_model_and_a_state(tiny, shelf):
     assert f"{WORDS} tokens: all of" in human and "segment_len=8" in human
 
 
-def test_progress_bar_only_on_a_terminal():
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_progress_bar_fits_the_terminal(width, monkeypatch):
+    monkeypatch.setenv("COLUMNS", str(width))
     out = io.StringIO()
-    bar = ReadProgress("book.txt", stream=out, enabled=True)
-    bar(100, 50, 100)
-    bar(200, 100, 100)
+    bar = ReadProgress("a_book_with_a_long_name.txt", stream=out, enabled=True)
+    for tokens, done in [(0, 0), (22016, 400), (54409, 1000)]:
+        time.sleep(0.11)  # updates come at most every 0.1 s
+        bar(tokens, done, 1000)
     bar.close()
-    assert "book.txt" in out.getvalue() and "tokens/s" in out.getvalue() and "MiB in use" in out.getvalue()
+    frames = re.split(r"[\r\n]", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue()))
+    frames = [f.rstrip() for f in frames if f.strip()]
+    assert len(frames) >= 3 and all(len(f) <= width for f in frames), frames
+    for f in frames:  # the share read, tokens, tokens/s, memory, elapsed and time left
+        assert re.search(r"\d+% +[\d,]+ tok +[\d,]+ tok/s +[\d,]+ MiB +\d:\d\d:\d\d +eta \S+$", f), f
+    (middle,) = [f for f in frames if "22,016 tok" in f]
+    assert " 40% " in middle and "100%" in frames[-1]
+    if width >= 120:
+        assert middle.startswith("a_book_with_a_long_name") and "━" in middle
     quiet = io.StringIO()  # not a terminal
     bar = ReadProgress("book.txt", stream=quiet)
     bar(100, 100, 100)
@@ -208,6 +283,8 @@ BAD = [
     (["summarize", "{d}/binary.txt"], "binary"),
     (["info", "{d}/corrupt.state"], "corrupt or truncated"),
     (["info", "nobody/no-such-model"], "no-such-model"),
+    (["info", "{d}/missing.state"], "missing.state: no such state file or model directory"),
+    (["info", "missing.state"], "missing.state: no such state file or model directory"),
 ]
 
 
@@ -223,6 +300,46 @@ def test_bad_input_gets_one_clear_line(tiny, bad, shelf, args, message):
     assert r.exception is None or isinstance(r.exception, SystemExit)
     after = {p.name: p.read_bytes() for p in bad.iterdir() if p.is_file()}
     assert after == before  # nothing overwritten, nothing left behind
+
+
+INVALID = [
+    (["query", "{state}", "q", "--temp", "-1"], "'--temp': Input should be greater than or equal to 0"),
+    (["query", "{state}", "q", "--top-p", "5"], "'--top-p': Input should be less than or equal to 1"),
+    (["summarize", "{state}", "--min-p", "2"], "'--min-p'"),
+    (["summarize", "{state}", "--top-k", "-3"], "'--top-k'"),
+    (["summarize", "{state}", "--seed", "-1"], "'--seed'"),
+    (["query", "{state}", "q", "-m", "99999999999999999999999"], "'-m': Input should be less than or equal to 1000000"),
+    (["passkey", "--lengths", "2x"], "'--lengths': '2x' is not a length"),
+    (["passkey", "--lengths", "4k,0"], "'--lengths': '0'"),
+    (["passkey", "--lengths", "inf"], "'--lengths': 'inf'"),
+    (["passkey", "--trials", "5,x"], "'--trials'"),
+    (["passkey", "--trials", "0"], "'--trials'"),
+    (["passkey", "--depths", "1.5"], "'--depths'"),
+    (["passkey", "--depths", "start,deep"], "'--depths'"),
+    (["passkey", "--depths", "sweep:x"], "'--depths'"),
+    (["passkey", "--needle", "3q"], "'--needle'"),
+    (["passkey", "--batch", "0"], "'--batch'"),
+    (["train", "{d}/run", "--segments", "4"], "'--segments'"),
+    (["train", "{d}/run", "--segments", "4,2"], "'--segments'"),
+    (["train", "{d}/run", "--arch", "{{bad"], "'--arch'"),
+    (["train", "{d}/run", "--infini", "[1]"], "'--infini'"),
+    (["train", "{d}/run", "--mix", "lm=x"], "'--mix'"),
+    (["train", "{d}/run", "--lr", "-1"], "'--lr'"),
+    (["train", "{d}/run", "--steps", "0"], "'--steps'"),
+    (["train", "{d}/run", "--eval-segments", "2,x"], "'--eval-segments'"),
+    (["convert", "{d}/src", "{d}/dst", "--segment-len", "0"], "'--segment-len'"),
+]
+
+
+@pytest.mark.parametrize("args,message", INVALID, ids=[" ".join(a[-2:]) for a, _ in INVALID])
+def test_invalid_values_are_refused_before_any_work(shelf, tmp_path, args, message):
+    args = [a.format(state=shelf / "book.state", d=tmp_path) for a in args]
+    r = cli(*args)
+    assert r.exit_code == 2, r.output
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
+    assert line.endswith(f"(see infini {args[0]} --help)")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_embedded_model_gets_one_clear_line(shelf, tmp_path, monkeypatch):
@@ -259,9 +376,13 @@ def _wait_for_checkpoint(proc, state, above):
         time.sleep(0.02)
 
 
-def test_interrupt_kill_and_resume_as_a_real_subprocess(tiny, tmp_path):
+def _exe():
     exe = Path(sys.executable).parent / "infini"
-    exe = str(exe) if exe.exists() else shutil.which("infini")
+    return str(exe) if exe.exists() else shutil.which("infini")
+
+
+def test_interrupt_kill_and_resume_as_a_real_subprocess(tiny, tmp_path):
+    exe = _exe()
     text = book(12000, seed=7)
     path, state = tmp_path / "book.txt", tmp_path / "book.state"
     path.write_text(text)
@@ -307,3 +428,64 @@ def test_train_and_passkey_errors_are_one_line(tmp_path):
     r = cli("train", tmp_path / "run", "--tokenizer", tmp_path)
     assert r.exit_code == 1 and "no tokenizer.json" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_while_starting_is_one_line():
+    # Imports (MLX, mlx-lm, transformers) take a second: interrupt once MLX is in.
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    p = subprocess.Popen([_exe(), "info"], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    for line in p.stderr:
+        if line.split("|")[-1].strip() == "mlx.core":
+            break
+    p.send_signal(signal.SIGINT)
+    err = p.stderr.read()
+    p.wait(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "interrupted"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["info", "--json"]])
+def test_a_reader_that_went_away_is_no_error(args):
+    read, write = os.pipe()
+    os.close(read)  # `infini ... | head` after head has quit
+    r = subprocess.run([_exe(), *args], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert r.stderr == "" and r.returncode == 1
+
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+
+
+def _mlx_sgemm(cmd, tmp_path, **extra):
+    """The library MLX's cblas_sgemm is bound to in ``cmd``, run without LD_PRELOAD; and stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env.update(LD_DEBUG="bindings", LD_DEBUG_OUTPUT=str(tmp_path / "ld"), **extra)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for log in tmp_path.glob("ld.*"):
+        for line in log.read_text(errors="replace").splitlines():
+            if "libmlx.so" in line.split(" to ")[0] and "`cblas_sgemm'" in line:
+                return line.split(" to ")[1].split()[0], r.stderr
+    pytest.fail("MLX's cblas_sgemm binding not found")
+
+
+@pytest.mark.skipif(not Path(OPENBLAS).exists(), reason="Linux with libopenblas0-pthread only")
+def test_openblas_is_loaded_without_ld_preload(tmp_path):
+    # The README's first commands, as copied: `infini ...` and `pytest` (conftest imports infini_mlx).
+    for i, cmd in enumerate([[_exe(), "info"], [sys.executable, "-c", "import infini_mlx"]]):
+        (tmp_path / str(i)).mkdir()
+        lib, err = _mlx_sgemm(cmd, tmp_path / str(i))
+        assert "libopenblas" in lib and "openblas" not in err
+    (tmp_path / "off").mkdir()
+    lib, err = _mlx_sgemm([_exe(), "info"], tmp_path / "off", INFINI_OPENBLAS="0")
+    assert "libopenblas" not in lib and err == ""
+
+
+def test_missing_openblas_is_one_note(tmp_path):
+    r = subprocess.run([_exe(), "info"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "LD_PRELOAD": "", "INFINI_OPENBLAS": str(tmp_path / "none.so")})
+    assert r.returncode == 0
+    if sys.platform == "linux":
+        (note,) = r.stderr.strip().splitlines()
+        assert note.startswith("note: ") and "apt-get install libopenblas0-pthread" in note

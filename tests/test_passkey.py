@@ -144,7 +144,7 @@ def test_passkey_command(tmp_path):
     out = CliRunner().invoke(
         app,
         ["passkey", "--lengths", "300,1k", "--depths", "start,end", "--trials", "3",
-         "--batch", "2", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")],
+         "--batch", "2", "-o", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")],
     )
     assert out.exit_code == 0, out.output
     table = out.stdout.splitlines()
@@ -157,6 +157,33 @@ def test_passkey_command(tmp_path):
     assert all(x["peak_memory_mb"] > 0 and x["tokens_per_s"] > 0 for x in r["passkey"])
     img = _read_png(tmp_path / "r.png")
     assert img.shape[0] > 100 and img.shape[1] > 100 and img.dtype == np.uint8
+
+    # --json: the results on stdout instead of the table, as every other command.
+    out = CliRunner().invoke(app, ["passkey", "--lengths", "300", "--depths", "end", "--trials", "1", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["passkey"][0]["cells"]["end"]["trials"] == 1
+
+
+def test_plain_passkey_is_a_quick_check(monkeypatch):
+    from infini_mlx.cli.main import app
+
+    import infini_mlx.passkey as pk
+
+    asked = []
+
+    def fake_eval(model, tok, lengths, depths, trials, *args, **kwargs):
+        asked.append((lengths[0], len(depths), trials))
+        cells = {d: {"accuracy": 0.0, "trials": trials} for d in depths}
+        return [dict(length=lengths[0], cells=cells, tokens_per_s=1.0, peak_memory_mb=1.0, peak_rss_mb=1.0)]
+
+    monkeypatch.setattr(pk, "passkey_eval", fake_eval)
+    monkeypatch.setattr(infini_mlx, "load", lambda model: (None, None))
+    r = CliRunner().invoke(app, ["passkey"])
+    assert r.exit_code == 0, r.output
+    # About a minute of reading on 2 cores at ~7K tokens/s; the full evaluation is ~30M tokens.
+    assert sum(length * depths * trials for length, depths, trials in asked) <= 400_000, asked
+    help = " ".join(CliRunner().invoke(app, ["passkey", "--help"]).stdout.replace("│", " ").split())
+    assert "--lengths 4k,32k,128k,1m --trials 20,20,20,5" in help and "about an hour" in help
 
 
 def test_parsers():

@@ -1,7 +1,7 @@
 """InfiniSession: reading in pieces, asking from a copy, saving, resuming, chat templates."""
 
 import io
-import runpy
+import types
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,6 +12,7 @@ import infini_mlx
 import infini_mlx.reading as reading
 from infini_mlx import InfiniSession, InputError, load_state
 
+REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = (
     "{% for m in messages %}t3 t4 {{ m['content'] }} t5 t6{% endfor %}"
     "{% if add_generation_prompt %} t7{% endif %}"
@@ -54,6 +55,17 @@ def test_read_in_pieces_equals_one_prefill_of_the_whole_text(tiny, tmp_path, mon
     assert session.complete and session.meta["source"] == str((tmp_path / "b.txt").resolve())
 
 
+def test_progress_moves_with_the_tokens_not_by_pieces(tiny, tmp_path):
+    path = tmp_path / "b.txt"
+    path.write_text(book(40000, seed=1))  # three pieces of 64 KiB
+    calls = []
+    InfiniSession.load(tiny).read(path, progress=lambda *a: calls.append(a))
+    total_tokens = calls[-1][0]
+    assert calls[-1][1:] == (path.stat().st_size,) * 2
+    for tokens, done, size in calls:
+        assert abs(done / size - tokens / total_tokens) < 0.02, (tokens, done)
+
+
 def test_questions_are_answered_from_a_copy(tiny):
     text = book(300, seed=2)
     session = InfiniSession.load(tiny)
@@ -82,6 +94,33 @@ def test_save_and_restore(tiny, tmp_path):
     restored = InfiniSession.restore(tmp_path / "s.state")  # the model it records
     assert same_state(session.cache, restored.cache)
     assert restored.ask("t4", max_tokens=6) == session.ask("t4", max_tokens=6)
+
+
+def test_save_overwrites_only_when_asked(tiny, tmp_path):
+    path = tmp_path / "s.state"
+    path.write_bytes(b"keep me")
+    session = InfiniSession.load(tiny)
+    session.read(book(40, seed=3))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        session.save(path)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        InfiniSession.load(tiny).read(book(40, seed=3), checkpoint=path)
+    assert path.read_bytes() == b"keep me"
+    session.save(path, overwrite=True)
+    assert InfiniSession.restore(path).tokens_read == 40
+
+
+def test_answers_start_at_their_first_word(tiny, monkeypatch):
+    # A plain prompt ends with "Answer:": models often go on with a line break.
+    def stream(*args, **kwargs):
+        for text in ["\n", " ", "\n Alice", " went", "\n"]:
+            yield types.SimpleNamespace(text=text)
+
+    session = InfiniSession.load(tiny)
+    session.read(book(40, seed=3))
+    monkeypatch.setattr(infini_mlx.session, "stream_generate", stream)
+    assert session.ask("Who?") == "Alice went\n"
+    assert list(session.stream_summarize()) == ["Alice", " went", "\n"]
 
 
 def test_interrupted_read_resumes_to_the_uninterrupted_state(tiny, tmp_path, monkeypatch):
@@ -147,14 +186,20 @@ def test_bad_text_is_refused_or_decoded_with_a_warning(tiny, tmp_path):
         assert session.read(tmp_path / "latin1.txt") == 3
 
 
-def test_readme_api_example_runs(tiny, tmp_path, monkeypatch):
+def test_readme_api_example_runs_verbatim_from_the_repo_root(tiny, monkeypatch):
     # The example uses the embedded model, which the tiny one stands in for.
     monkeypatch.setattr(infini_mlx.utils, "DEFAULT_MODEL", tiny)
-    monkeypatch.chdir(tmp_path)
-    Path("alice_in_wonderland.txt").write_text(book(150, seed=6))
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    monkeypatch.chdir(REPO)
+    readme = (REPO / "README.md").read_text()
     example = readme.split("<!-- api-example -->")[1].split("```python\n")[1].split("```")[0]
-    Path("example.py").write_text(example)
-    runpy.run_path("example.py", run_name="__main__")
-    restored = InfiniSession.restore("alice.state")
-    assert restored.tokens_read == 150 and restored.complete
+    state = REPO / "alice.state"
+    kept = state.read_bytes() if state.exists() else None  # a reader's own, from the CLI examples
+    try:
+        exec(compile(example, "README.md", "exec"), {"__name__": "__main__"})
+        restored = InfiniSession.restore(state)
+        assert restored.complete and restored.meta["source"] == str(REPO / "examples" / "alice.txt")
+    finally:
+        if kept is None:
+            state.unlink(missing_ok=True)
+        else:
+            state.write_bytes(kept)
