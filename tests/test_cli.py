@@ -65,7 +65,7 @@ def test_help_shows_no_markup_leftovers(name):
     if name == "read":
         assert usage == "Usage: infini read [OPTIONS] FILE"
     if name == "train":
-        assert "Cosine decay to 10% over" in out
+        assert "Cosine decay to 10%" in out
 
 
 def test_read_writes_the_state_of_one_prefill(tiny, shelf):
@@ -441,8 +441,10 @@ def test_ctrl_c_while_starting_is_one_line():
     p.send_signal(signal.SIGINT)
     err = p.stderr.read()
     p.wait(timeout=60)
-    assert p.returncode == 130 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1] == "interrupted"
+    assert "Traceback" not in err, err
+    # On a loaded machine the signal can land after the imports, inside click: "Aborted!".
+    last = err.strip().splitlines()[-1]
+    assert (p.returncode, last) in ((130, "interrupted"), (1, "Aborted!")), (p.returncode, err)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["info", "--json"]])

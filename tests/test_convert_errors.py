@@ -78,6 +78,7 @@ def test_bad_options(tmp_path):
 def test_existing_dst_needs_force(tmp_path):
     dst = tmp_path / "dst"
     dst.mkdir()
+    (dst / "config.json").write_text("{}")  # an earlier model: --force replaces it whole
     (dst / "keep").write_text("x")
     with pytest.raises(ConversionError, match="exists"):
         convert(FIXTURES / "plain_llama_st", dst)
