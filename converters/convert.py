@@ -23,9 +23,11 @@ from infini_mlx.utils import GATES_FILE
 from . import safetensors_io
 from .errors import ConversionError
 from .formats import FORMATS, Plan, detect, plan_beomi, plan_hf, plan_jlamprou, validate_infini
+from .gguf import is_gguf, plan_gguf
 from .nanotron import plan_nanotron
 
 PLANNERS = {"hf": plan_hf, "beomi": plan_beomi, "jlamprou": plan_jlamprou, "nanotron": plan_nanotron}
+PLANNERS["gguf"] = plan_gguf  # a single .gguf file, not a directory
 ALIASES = {"gemma-2b-10m": "beomi", "infini-transformer": "beomi", "huggingface": "hf"}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -119,7 +121,8 @@ def convert(
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise ConversionError(f"{src}: no such directory")
-    if not src.is_dir():
+    gguf = is_gguf(src)
+    if not src.is_dir() and not gguf:
         raise ConversionError(f"{src}: expected a checkpoint directory (with config.json), got a file")
     if dst.exists() and not force:
         raise ConversionError(f"{dst} exists (use --force to replace it)")
@@ -132,7 +135,7 @@ def convert(
         )
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    fmt = ALIASES.get(fmt, fmt) if fmt else detect(src)
+    fmt = ALIASES.get(fmt, fmt) if fmt else ("gguf" if gguf else detect(src))
     if fmt not in PLANNERS:
         raise ConversionError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
 
@@ -141,7 +144,8 @@ def convert(
     try:
         plan = PLANNERS[fmt](src, tmp / ".stage")
         summary = _write(plan, tmp, infini or {}, quantize, q_bits, q_group_size, dtype)
-        tok_src = Path(tokenizer) if tokenizer else src
+        # A GGUF file's tokenizer is rebuilt from its metadata into the stage directory.
+        tok_src = Path(tokenizer) if tokenizer else (tmp / ".stage" if fmt == "gguf" else src)
         summary.tokenizer_files = _copy_tokenizer(tok_src, tmp)
         if not summary.tokenizer_files:
             summary.notes.append(f"no tokenizer files in {tok_src}: add them (or pass --tokenizer DIR)")
