@@ -38,6 +38,11 @@ NATIVE = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
     8: ("Q8_0", 32, 34), 30: ("BF16", 1, 2),
 }
+# The other ggml types' names, for messages when the gguf package is missing.
+OTHER = dict(enumerate(
+    "F32 F16 Q4_0 Q4_1 - - Q5_0 Q5_1 Q8_0 Q8_1 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K IQ2_XXS IQ2_XS "
+    "IQ3_XXS IQ1_S IQ4_NL IQ3_S IQ2_S IQ4_XS I8 I16 I32 I64 F64 IQ1_M BF16".split()
+))
 GGUF_EXTRA = 'pip install "infini-mlx[gguf]"'
 
 
@@ -65,7 +70,7 @@ def type_info(t: int) -> Optional[Tuple[str, int, int]]:
         return NATIVE[t]
     gguf = _gguf_package()
     if gguf is None:
-        return (f"type {t}", 0, 0)  # refused later, with the install hint
+        return (OTHER.get(t, f"type {t}"), 0, 0)  # refused later, with the install hint
     try:
         q = gguf.GGMLQuantizationType(t)
         block, size = gguf.GGML_QUANT_SIZES[q]
