@@ -471,3 +471,43 @@ def test_real_smollm2_gguf(tmp_path):
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                      add_generation_prompt=True)
     assert "Paris" in generate(base, tok, prompt, max_tokens=30)
+
+
+def test_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
+    """A GGUF "llama" tokenizer (SentencePiece BPE: pieces, scores, types) gives the ids
+    SentencePiece itself gives, byte fallback and all."""
+    import io
+
+    import sentencepiece as spm
+
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=proto, model_type="bpe", vocab_size=400,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=True, character_coverage=1.0,
+        bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=proto.getvalue())
+    n = sp.get_piece_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+             for i in range(n)]
+
+    def meta(w):
+        w.add_tokenizer_model("llama")
+        w.add_token_list(pieces)
+        w.add_token_scores([sp.get_score(i) for i in range(n)])
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+        w.add_add_space_prefix(True)
+
+    config = dict(CONFIG, model_type="llama", vocab_size=n)
+    write_gguf(tmp_path / "spm.gguf", "llama", config, random_weights("llama", config),
+               lambda name, v: Q.F32, meta)
+    convert(tmp_path / "spm.gguf", tmp_path / "out")
+    tok = load_tokenizer(tmp_path / "out")
+    for text in [t for t in TEXTS if "<|" not in t] + ["Hello", " two  spaces", "ÿ unseen ✓ ß"]:
+        assert tok.encode(text) == [1] + sp.encode(text), text
+        assert tok.decode(tok.encode(text), skip_special_tokens=True) == sp.decode(sp.encode(text))
