@@ -12,7 +12,7 @@ tokenizer is rebuilt from the ``tokenizer.ggml.*`` metadata.
 import mmap
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -297,31 +297,6 @@ def _common_config(meta: dict, arch: str, model_type: str) -> dict:
     return config
 
 
-@dataclass
-class Arch:
-    """How one GGUF architecture maps onto an mlx-lm model."""
-
-    model_type: str
-    permuted_qk: bool  # llama.cpp permutes Q/K rows for its interleaved RoPE
-    norm_offset: float = 0.0  # llama.cpp stores Gemma's norm weights as 1 + w
-    extra: Optional[Callable[[dict, dict, List[str]], None]] = None
-
-
-def _qwen2(meta: dict, config: dict, notes: List[str]) -> None:
-    del config["head_dim"]  # mlx-lm's Qwen2 derives it
-
-
-def _gemma(meta: dict, config: dict, notes: List[str]) -> None:
-    config.pop("max_position_embeddings")
-
-
-ARCHS = {
-    "llama": Arch("llama", permuted_qk=True),
-    "qwen2": Arch("qwen2", permuted_qk=False, extra=_qwen2),
-    "qwen3": Arch("qwen3", permuted_qk=False),
-    "gemma": Arch("gemma", permuted_qk=False, norm_offset=1.0, extra=_gemma),
-}
-
 # GGUF tensor names (the part after blk.N.) -> Hugging Face names
 _LAYER = {
     "attn_norm": "input_layernorm",
@@ -336,10 +311,81 @@ _LAYER = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 2/3 norm around both the attention and the MLP: ffn_norm is the MLP's pre-norm.
+_GEMMA2_LAYER = dict(
+    _LAYER, ffn_norm="pre_feedforward_layernorm", post_attention_norm="post_attention_layernorm",
+    post_ffw_norm="post_feedforward_layernorm",
+)
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def hf_name(name: str) -> Optional[str]:
+@dataclass
+class Arch:
+    """How one GGUF architecture maps onto an mlx-lm model."""
+
+    model_type: str
+    permuted_qk: bool  # llama.cpp permutes Q/K rows for its interleaved RoPE
+    norm_offset: float = 0.0  # llama.cpp stores Gemma's norm weights as 1 + w
+    extra: Optional[Callable[[dict, dict, List[str]], None]] = None
+    layer: Dict[str, str] = field(default_factory=lambda: _LAYER)
+
+
+def _qwen2(meta: dict, config: dict, notes: List[str]) -> None:
+    del config["head_dim"]  # mlx-lm's Qwen2 derives it
+
+
+def _gemma(meta: dict, config: dict, notes: List[str]) -> None:
+    config.pop("max_position_embeddings")
+    if config["model_type"] == "gemma":
+        notes.append("llama.cpp's Gemma MLP uses tanh-approximated GELU; mlx-lm's Gemma uses "
+                     "exact GELU (~1e-3 apart)")
+
+
+def _attn_scalar(config: dict, big_layers: int, notes: List[str]) -> None:
+    # Not in the metadata: llama.cpp scales queries by head_dim, except for the 27B models
+    # (recognised by their layer count), which use hidden_size / heads.
+    if config["num_hidden_layers"] == big_layers:
+        config["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"]
+    else:
+        config["query_pre_attn_scalar"] = config["head_dim"]
+    notes.append(f"query_pre_attn_scalar={config['query_pre_attn_scalar']} (not in GGUF metadata: "
+                 "chosen as llama.cpp does)")
+
+
+def _gemma2(meta: dict, config: dict, notes: List[str]) -> None:
+    _gemma(meta, config, notes)
+    _attn_scalar(config, 46, notes)
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        config[key] = float(_get(meta, f"gemma2.{key}"))
+    notes.append("mlx-lm's Gemma 2 attends globally in every layer (the model's 4096-token "
+                 "sliding window is not applied)")
+
+
+def _gemma3(meta: dict, config: dict, notes: List[str]) -> None:
+    _attn_scalar(config, 62, notes)
+    config["sliding_window"] = int(_get(meta, "gemma3.attention.sliding_window"))
+    pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):  # one flag per layer: sliding or not
+        full = [i for i, sliding in enumerate(pattern) if not sliding]
+        if not full or any((i + 1) % (full[0] + 1) for i in full):
+            raise ConversionError("gemma3 sliding window pattern is not periodic: not supported")
+        pattern = full[0] + 1
+    config["sliding_window_pattern"] = int(pattern)
+    config["rope_local_base_freq"] = float(meta.get("gemma3.rope.freq_base_swa", 10000.0))
+
+
+ARCHS = {
+    "llama": Arch("llama", permuted_qk=True),
+    "qwen2": Arch("qwen2", permuted_qk=False, extra=_qwen2),
+    "qwen3": Arch("qwen3", permuted_qk=False),
+    "gemma": Arch("gemma", permuted_qk=False, norm_offset=1.0, extra=_gemma),
+    "gemma2": Arch("gemma2", permuted_qk=False, norm_offset=1.0, extra=_gemma2, layer=_GEMMA2_LAYER),
+    "gemma3": Arch("gemma3_text", permuted_qk=False, norm_offset=1.0, extra=_gemma3,
+                   layer=_GEMMA2_LAYER),
+}
+
+
+def hf_name(name: str, layer: Dict[str, str] = _LAYER) -> Optional[str]:
     """The Hugging Face name of a GGUF tensor name, None if it has none."""
     stem, _, kind = name.rpartition(".")
     if kind not in ("weight", "bias"):
@@ -347,8 +393,8 @@ def hf_name(name: str) -> Optional[str]:
     if stem in _TOP:
         return f"{_TOP[stem]}.{kind}"
     parts = stem.split(".")
-    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER:
-        return f"model.layers.{int(parts[1])}.{_LAYER[parts[2]]}.{kind}"
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in layer:
+        return f"model.layers.{int(parts[1])}.{layer[parts[2]]}.{kind}"
     return None
 
 
@@ -381,7 +427,7 @@ def plan_gguf(src: Path, stage: Path) -> Plan:
     if arch.extra:
         arch.extra(meta, config, notes)
 
-    unknown = sorted(n for n in g.tensors if hf_name(n) is None)
+    unknown = sorted(n for n in g.tensors if hf_name(n, arch.layer) is None)
     if "rope_freqs.weight" in unknown:
         raise ConversionError("rope_freqs.weight (Llama 3.1-style RoPE scaling) is not supported")
     if unknown:
@@ -407,7 +453,7 @@ def plan_gguf(src: Path, stage: Path) -> Plan:
     H, Hkv = config["num_attention_heads"], config["num_key_value_heads"]
     items, mapped = [], []
     for name in g.tensors:
-        target = hf_name(name)
+        target = hf_name(name, arch.layer)
         heads = None
         if arch.permuted_qk and target.endswith(("q_proj.weight", "q_proj.bias")):
             heads = H

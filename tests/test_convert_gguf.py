@@ -119,11 +119,17 @@ GGUF_NAMES = {
 }
 
 
-def gguf_name(hf):
+GEMMA2_NAMES = dict(GGUF_NAMES, pre_feedforward_layernorm="ffn_norm",
+                    post_attention_layernorm="post_attention_norm",
+                    post_feedforward_layernorm="post_ffw_norm")
+
+
+def gguf_name(hf, arch="llama"):
     if hf.startswith("model.layers."):
         _, _, i, rest = hf.split(".", 3)
         stem, kind = rest.rsplit(".", 1)
-        return f"blk.{i}.{GGUF_NAMES[stem]}.{kind}"
+        names = GEMMA2_NAMES if arch in ("gemma2", "gemma3") else GGUF_NAMES
+        return f"blk.{i}.{names[stem]}.{kind}"
     return {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
             "lm_head.weight": "output.weight"}[hf]
 
@@ -188,7 +194,7 @@ def write_gguf(path, arch, config, weights, qtypes, tok_meta, extra=None):
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_rope_freq_base(config["rope_theta"])
     for k, v in (extra or {}).items():
-        w.add_uint32(k, v) if isinstance(v, int) else w.add_string(k, v)
+        w.add_uint32(k, v) if isinstance(v, int) else w.add_float32(k, v)
     tok_meta(w)
     expected = {}
     for name, v in weights.items():
@@ -201,7 +207,7 @@ def write_gguf(path, arch, config, weights, qtypes, tok_meta, extra=None):
             q = llama_cpp_permute(q, config["num_key_value_heads"])
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             q = q + np.float32(1.0)  # llama.cpp stores Gemma's (1 + w)
-        w.add_tensor(gguf_name(name), q, raw_dtype=qtype)
+        w.add_tensor(gguf_name(name, arch), q, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -298,25 +304,45 @@ def test_numpy_dequantization_matches_gguf_python_bit_for_bit():
                               theirs), qtype.name
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "gemma"])
+FAMILIES = {
+    "qwen2": ("qwen2", {}, {}),
+    "qwen3": ("qwen3", {}, {}),
+    "gemma": ("gemma", {}, {}),
+    "gemma2": ("gemma2", dict(query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
+                              final_logit_softcapping=30.0),
+               {"gemma2.attn_logit_softcapping": 50.0, "gemma2.final_logit_softcapping": 30.0}),
+    "gemma3": ("gemma3_text", dict(query_pre_attn_scalar=16, sliding_window=8, sliding_window_pattern=6,
+                                   rope_local_base_freq=10000.0),
+               {"gemma3.attention.sliding_window": 8}),
+}
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
 def test_other_families_round_trip(arch, bpe, tmp_path):
+    model_type, hf_extra, gguf_extra = FAMILIES[arch]
     _, vocab, merges = bpe
-    config = dict(CONFIG, model_type=arch, vocab_size=len(vocab), tie_word_embeddings=arch == "gemma")
-    if arch == "gemma":
-        del config["max_position_embeddings"]
-    weights = random_weights(arch, config, seed=2)
+    config = dict(CONFIG, model_type=model_type, vocab_size=len(vocab), **hf_extra,
+                  tie_word_embeddings=arch.startswith("gemma"))
+    if arch == "gemma3":
+        config["num_hidden_layers"] = 7  # one global layer in six, then a sliding one
+    weights = random_weights(model_type, config, seed=2)
     expected = write_gguf(tmp_path / f"{arch}.gguf", arch, config, weights, lambda n, v: Q.F32,
-                          bpe_meta(vocab, merges, pre="qwen2" if arch.startswith("qwen") else "smollm"))
+                          bpe_meta(vocab, merges, pre="qwen2" if arch.startswith("qwen") else "smollm"),
+                          extra=gguf_extra)
     assert all(np.array_equal(expected[k], weights[k]) for k in weights)  # F32: exact
     convert(tmp_path / f"{arch}.gguf", tmp_path / "out", infini={"gate_init": -40.0})
     out = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert out["model_type"] == arch
+    assert out["model_type"] == model_type
+    for k, v in hf_extra.items():
+        assert out[k] == v, k
     ours = dict(mx.load(str(tmp_path / "out" / "model.safetensors")))
     assert sorted(ours) == sorted(weights)
     for k, v in weights.items():
         assert np.allclose(np.array(ours[k]), v, atol=1e-6, rtol=0), k  # Gemma norms: (1 + w) - 1
     ref = reference_model(config, weights)(TOKENS)
-    assert mx.allclose(infini_mlx.load(tmp_path / "out")[0](TOKENS), ref, atol=1e-5, rtol=0)
+    assert mx.allclose(load_model(tmp_path / "out")[0](TOKENS), ref, atol=1e-5, rtol=0)
+    model = infini_mlx.load(tmp_path / "out")[0]
+    assert model(TOKENS).shape == ref.shape
 
 
 def test_k_quants_through_the_gguf_package(bpe, tmp_path, monkeypatch):
