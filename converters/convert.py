@@ -148,7 +148,7 @@ def convert(
         tok_src = Path(tokenizer) if tokenizer else (tmp / ".stage" if fmt == "gguf" else src)
         summary.tokenizer_files = _copy_tokenizer(tok_src, tmp)
         if not summary.tokenizer_files:
-            summary.notes.append(f"no tokenizer files in {tok_src}: add them (or pass --tokenizer DIR)")
+            summary.notes.append(f"no tokenizer files in {tokenizer or src}: add them (or pass --tokenizer DIR)")
         shutil.rmtree(tmp / ".stage", ignore_errors=True)
         _replace(tmp, dst)
     except BaseException:

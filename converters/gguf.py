@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes
 
 from . import safetensors_io
 from .errors import ConversionError
@@ -268,30 +270,46 @@ def _get(meta: dict, key: str, default: Any = KeyError):
     return default
 
 
+def _int(meta: dict, key: str, default: Any = KeyError) -> int:
+    v = _get(meta, key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 1 << 31:
+        raise ConversionError(f"metadata {key} is {v!r}: expected a positive integer")
+    return v
+
+
+def _float(meta: dict, key: str, default: Any = KeyError) -> float:
+    v = _get(meta, key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+        raise ConversionError(f"metadata {key} is {v!r}: expected a positive number")
+    return float(v)
+
+
 def _common_config(meta: dict, arch: str, model_type: str) -> dict:
     a = f"{arch}."
-    heads = int(_get(meta, a + "attention.head_count"))
-    hidden = int(_get(meta, a + "embedding_length"))
+    heads = _int(meta, a + "attention.head_count")
+    hidden = _int(meta, a + "embedding_length")
     config = {
         "model_type": model_type,
         "hidden_size": hidden,
-        "num_hidden_layers": int(_get(meta, a + "block_count")),
-        "intermediate_size": int(_get(meta, a + "feed_forward_length")),
+        "num_hidden_layers": _int(meta, a + "block_count"),
+        "intermediate_size": _int(meta, a + "feed_forward_length"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_get(meta, a + "attention.head_count_kv", heads)),
-        "head_dim": int(_get(meta, a + "attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(_get(meta, a + "attention.layer_norm_rms_epsilon")),
-        "max_position_embeddings": int(_get(meta, a + "context_length", 4096)),
-        "rope_theta": float(_get(meta, a + "rope.freq_base", 10000.0)),
+        "num_key_value_heads": _int(meta, a + "attention.head_count_kv", heads),
+        "head_dim": _int(meta, a + "attention.key_length", max(hidden // heads, 1)),
+        "rms_norm_eps": _float(meta, a + "attention.layer_norm_rms_epsilon"),
+        "max_position_embeddings": _int(meta, a + "context_length", 4096),
+        "rope_theta": _float(meta, a + "rope.freq_base", 10000.0),
     }
-    if int(_get(meta, a + "attention.value_length", config["head_dim"])) != config["head_dim"]:
+    if heads % config["num_key_value_heads"]:
+        raise ConversionError(f"{heads} heads cannot share {config['num_key_value_heads']} KV heads")
+    if _int(meta, a + "attention.value_length", config["head_dim"]) != config["head_dim"]:
         raise ConversionError("key and value head sizes differ: not supported")
-    rope_dims = int(_get(meta, a + "rope.dimension_count", config["head_dim"]))
+    rope_dims = _int(meta, a + "rope.dimension_count", config["head_dim"])
     if rope_dims != config["head_dim"]:
         raise ConversionError(f"RoPE on {rope_dims} of {config['head_dim']} dimensions: not supported")
     scaling = _get(meta, a + "rope.scaling.type", "none")
     if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": float(_get(meta, a + "rope.scaling.factor"))}
+        config["rope_scaling"] = {"type": "linear", "factor": _float(meta, a + "rope.scaling.factor")}
     elif scaling != "none":
         raise ConversionError(f"RoPE scaling {scaling!r} is not supported (only linear)")
     return config
@@ -356,22 +374,24 @@ def _gemma2(meta: dict, config: dict, notes: List[str]) -> None:
     _gemma(meta, config, notes)
     _attn_scalar(config, 46, notes)
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        config[key] = float(_get(meta, f"gemma2.{key}"))
+        config[key] = _float(meta, f"gemma2.{key}")
     notes.append("mlx-lm's Gemma 2 attends globally in every layer (the model's 4096-token "
                  "sliding window is not applied)")
 
 
 def _gemma3(meta: dict, config: dict, notes: List[str]) -> None:
     _attn_scalar(config, 62, notes)
-    config["sliding_window"] = int(_get(meta, "gemma3.attention.sliding_window"))
+    config["sliding_window"] = _int(meta, "gemma3.attention.sliding_window")
     pattern = meta.get("gemma3.attention.sliding_window_pattern", 6)
     if isinstance(pattern, list):  # one flag per layer: sliding or not
         full = [i for i, sliding in enumerate(pattern) if not sliding]
         if not full or any((i + 1) % (full[0] + 1) for i in full):
             raise ConversionError("gemma3 sliding window pattern is not periodic: not supported")
         pattern = full[0] + 1
-    config["sliding_window_pattern"] = int(pattern)
-    config["rope_local_base_freq"] = float(meta.get("gemma3.rope.freq_base_swa", 10000.0))
+    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+        raise ConversionError(f"metadata gemma3.attention.sliding_window_pattern is {pattern!r}")
+    config["sliding_window_pattern"] = pattern
+    config["rope_local_base_freq"] = _float(meta, "gemma3.rope.freq_base_swa", 10000.0)
 
 
 ARCHS = {
@@ -450,6 +470,7 @@ def plan_gguf(src: Path, stage: Path) -> Plan:
             config[hf] = int(meta[f"tokenizer.ggml.{key}_token_id"])
     config["torch_dtype"] = _default_dtype()
 
+    _check_shapes(config, {hf_name(n, arch.layer): (n, i.shape) for n, i in g.tensors.items()})
     H, Hkv = config["num_attention_heads"], config["num_key_value_heads"]
     items, mapped = [], []
     for name in g.tensors:
@@ -486,6 +507,21 @@ def plan_gguf(src: Path, stage: Path) -> Plan:
     notes.append(write_tokenizer(meta, stage))
     notes.append("no Infini gates in the file: new gates start at gate_init")
     return Plan("gguf", config, {}, weights, None, found, g.size, mapped=mapped, notes=notes)
+
+
+def _check_shapes(config: dict, found: Dict[str, Tuple[str, Tuple[int, ...]]]) -> None:
+    """Every tensor against the shape the metadata implies, before anything is dequantized."""
+    try:
+        model_class, args_class = _get_classes(config)
+        model = model_class(args_class.from_dict(config))  # parameters stay lazy: nothing computed
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConversionError(f"the metadata does not describe a {config['model_type']} model: {e}") from None
+    for k, v in tree_flatten(model.parameters()):
+        if k in found and tuple(found[k][1]) != tuple(v.shape):
+            name, shape = found[k]
+            raise ConversionError(
+                f"shape mismatch: {name} is {list(shape)}, the metadata implies {list(v.shape)}"
+            )
 
 
 def _item(g: GGUFFile, name: str, heads: Optional[int], offset: float) -> safetensors_io.Item:

@@ -24,6 +24,11 @@ from tokenizers import (
 
 from .errors import ConversionError
 
+
+class Unsupported(ConversionError):
+    """A tokenizer this module does not rebuild (the conversion goes on without it)."""
+
+
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # The split patterns of the Hugging Face tokenizers llama.cpp names these pre-tokenizers after.
@@ -66,7 +71,7 @@ def _ids(meta: dict, tokens: List[str]) -> Dict[str, str]:
 def _gpt2(meta: dict, tokens: List[str]) -> Tuple[Tokenizer, str]:
     pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in PRE:
-        raise ConversionError(
+        raise Unsupported(
             f"GGUF pre-tokenizer {pre!r} is not supported (supported: {', '.join(PRE)}): "
             "pass --tokenizer DIR with the original tokenizer files"
         )
@@ -135,7 +140,7 @@ def build_tokenizer(meta: dict) -> Tuple[Tokenizer, dict, str]:
     elif kind == "llama":
         tok, what = _llama(meta, tokens)
     else:
-        raise ConversionError(
+        raise Unsupported(
             f"GGUF tokenizer model {kind!r} is not supported (gpt2, llama): "
             "pass --tokenizer DIR with the original tokenizer files"
         )
@@ -176,11 +181,37 @@ def build_tokenizer(meta: dict) -> Tuple[Tokenizer, dict, str]:
     return tok, config, what
 
 
+def _check(meta: dict) -> None:
+    tokens = meta["tokenizer.ggml.tokens"]
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise ConversionError("tokenizer.ggml.tokens is not a list of strings")
+    for key, kind in (("merges", str), ("token_type", int), ("scores", (int, float))):
+        v = meta.get(f"tokenizer.ggml.{key}")
+        if v is not None and (not isinstance(v, list) or not all(isinstance(x, kind) for x in v)):
+            raise ConversionError(f"tokenizer.ggml.{key} is not a list of {getattr(kind, '__name__', 'numbers')}")
+    types = meta.get("tokenizer.ggml.token_type")
+    if types is not None and len(types) != len(tokens):
+        raise ConversionError("tokenizer.ggml.token_type does not match tokenizer.ggml.tokens")
+
+
 def write_tokenizer(meta: dict, out: Path) -> str:
-    """Write tokenizer.json and tokenizer_config.json into ``out``; a note saying what was done."""
+    """Write tokenizer.json and tokenizer_config.json into ``out``; a note saying what was done.
+
+    Raises:
+        ConversionError: for malformed tokenizer metadata. A tokenizer model or
+            pre-tokenizer not handled here is no error: the note says so.
+    """
     if not meta.get("tokenizer.ggml.tokens"):
         return "no tokenizer in the GGUF metadata: add tokenizer files (or pass --tokenizer DIR)"
-    tok, config, what = build_tokenizer(meta)
+    _check(meta)
+    try:
+        tok, config, what = build_tokenizer(meta)
+    except Unsupported as e:
+        return f"tokenizer not rebuilt: {e}"
+    except ConversionError:
+        raise
+    except Exception as e:  # tokenizers' own errors, e.g. a merge of unknown tokens
+        raise ConversionError(f"cannot rebuild the tokenizer: {str(e).splitlines()[0]}") from None
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))

@@ -178,21 +178,23 @@ def random_weights(model_type, config, seed=0):
     return weights
 
 
-def write_gguf(path, arch, config, weights, qtypes, tok_meta, extra=None):
+def write_gguf(path, arch, config, weights, qtypes, tok_meta, extra=None, meta_config=None):
     """Write ``weights`` (Hugging Face names and layout) as llama.cpp would. Returns the
-    weights a reader should find: each tensor's quantized values, dequantized here."""
+    weights a reader should find: each tensor's quantized values, dequantized here.
+    ``meta_config`` (default ``config``) is what the metadata says."""
+    m = meta_config or config
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_context_length(config.get("max_position_embeddings", 512))
-    w.add_embedding_length(config["hidden_size"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(config["num_attention_heads"])
-    w.add_head_count_kv(config["num_key_value_heads"])
-    w.add_key_length(config["head_dim"])
-    w.add_value_length(config["head_dim"])
-    w.add_rope_dimension_count(config["head_dim"])
-    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_rope_freq_base(config["rope_theta"])
+    w.add_block_count(m["num_hidden_layers"])
+    w.add_context_length(m.get("max_position_embeddings", 512))
+    w.add_embedding_length(m["hidden_size"])
+    w.add_feed_forward_length(m["intermediate_size"])
+    w.add_head_count(m["num_attention_heads"])
+    w.add_head_count_kv(m["num_key_value_heads"])
+    w.add_key_length(m["head_dim"])
+    w.add_value_length(m["head_dim"])
+    w.add_rope_dimension_count(m["head_dim"])
+    w.add_layer_norm_rms_eps(m["rms_norm_eps"])
+    w.add_rope_freq_base(m["rope_theta"])
     for k, v in (extra or {}).items():
         w.add_uint32(k, v) if isinstance(v, int) else w.add_float32(k, v)
     tok_meta(w)
@@ -537,3 +539,43 @@ def test_sentencepiece_tokenizer_matches_sentencepiece(tmp_path):
     for text in [t for t in TEXTS if "<|" not in t] + ["Hello", " two  spaces", "ÿ unseen ✓ ß"]:
         assert tok.encode(text) == [1] + sp.encode(text), text
         assert tok.decode(tok.encode(text), skip_special_tokens=True) == sp.decode(sp.encode(text))
+
+
+def _tiny(tmp_path, bpe, name="x.gguf", meta_config=None, tok_meta=None):
+    _, vocab, merges = bpe
+    config = dict(CONFIG, model_type="llama", vocab_size=len(vocab))
+    write_gguf(tmp_path / name, "llama", config, random_weights("llama", config),
+               lambda n, v: Q.F32, tok_meta or bpe_meta(vocab, merges), meta_config=meta_config)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(intermediate_size=96),
+     r"shape mismatch: blk\.0\.ffn_gate\.weight is \[128, 64\], the metadata implies \[96, 64\]"),
+    (dict(num_attention_heads=0), r"llama\.attention\.head_count is 0: expected a positive integer"),
+    (dict(num_attention_heads=3), r"3 heads cannot share 2 KV heads"),
+])
+def test_metadata_that_does_not_fit_is_refused(bpe, tmp_path, change, match):
+    _, vocab, _ = bpe
+    path = _tiny(tmp_path, bpe, meta_config=dict(CONFIG, vocab_size=len(vocab), **change))
+    with pytest.raises(ConversionError, match=match):
+        convert(path, tmp_path / "dst")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.gguf"]
+
+
+def test_tokenizer_not_rebuilt_or_malformed(bpe, tmp_path):
+    _, vocab, merges = bpe
+    path = _tiny(tmp_path, bpe, tok_meta=bpe_meta(vocab, merges, pre="deepseek-coder"))
+    summary = convert(path, tmp_path / "a")
+    assert not summary.tokenizer_files and not (tmp_path / "a" / "tokenizer.json").exists()
+    assert any("pre-tokenizer 'deepseek-coder' is not supported" in n for n in summary.notes)
+    # ... but the original files can be given.
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.json").write_text("{}")
+    assert convert(path, tmp_path / "b", tokenizer=tok_dir).tokenizer_files == ["tokenizer.json"]
+
+    path = _tiny(tmp_path, bpe, "bad.gguf", tok_meta=bpe_meta(vocab, merges + ["qqq zzz"]))
+    with pytest.raises(ConversionError, match=r"cannot rebuild the tokenizer: .*qqq") as e:
+        convert(path, tmp_path / "c")
+    assert "\n" not in str(e.value) and not (tmp_path / "c").exists()
