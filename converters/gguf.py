@@ -224,7 +224,24 @@ class GGUFFile:
             raw = np.frombuffer(f.read(info.nbytes), np.uint8)
         if raw.size != info.nbytes:
             self._fail(f"tensor {name}: truncated (the file changed while being read)")
-        return dequantize(raw, info.type, info.shape)
+        if info.type in (0, 1, 30) or len(info.shape) < 2:
+            return dequantize(raw, info.type, info.shape)
+        # Row by row in chunks of ~16M values: the temporaries stay small beside the result.
+        rows = raw.reshape(-1, info.shape[-1] // _block(info.type) * _block_bytes(info.type))
+        out = np.empty((rows.shape[0], info.shape[-1]), np.float32)
+        step = max(1, (1 << 24) // info.shape[-1])
+        for i in range(0, rows.shape[0], step):
+            out[i: i + step] = dequantize(rows[i: i + step].reshape(-1), info.type,
+                                          (min(step, rows.shape[0] - i), info.shape[-1]))
+        return out.reshape(info.shape)
+
+
+def _block(t: int) -> int:
+    return type_info(t)[1]
+
+
+def _block_bytes(t: int) -> int:
+    return type_info(t)[2]
 
 
 def dequantize(raw: np.ndarray, t: int, shape: Tuple[int, ...]) -> np.ndarray:
