@@ -275,7 +275,11 @@ def dequantize(raw: np.ndarray, t: int, shape: Tuple[int, ...]) -> np.ndarray:
     q = gguf.GGMLQuantizationType(t)
     block, size = gguf.GGML_QUANT_SIZES[q]
     rows = raw.reshape(*shape[:-1], shape[-1] // block * size)
-    return np.ascontiguousarray(gguf.quants.dequantize(rows, q), dtype=np.float32).reshape(shape)
+    try:
+        w = gguf.quants.dequantize(rows, q)
+    except NotImplementedError:
+        raise ConversionError(f"the gguf package cannot dequantize {q.name} tensors") from None
+    return np.ascontiguousarray(w, dtype=np.float32).reshape(shape)
 
 
 # -- architectures ----------------------------------------------------------------------
@@ -488,6 +492,8 @@ def plan_gguf(src: Path, stage: Path) -> Plan:
     config["torch_dtype"] = _default_dtype()
 
     _check_shapes(config, {hf_name(n, arch.layer): (n, i.shape) for n, i in g.tensors.items()})
+    stage.mkdir(parents=True, exist_ok=True)
+    notes.append(write_tokenizer(meta, stage))  # before the (long) dequantization: it may refuse
     H, Hkv = config["num_attention_heads"], config["num_key_value_heads"]
     items, mapped = [], []
     for name in g.tensors:
@@ -499,7 +505,6 @@ def plan_gguf(src: Path, stage: Path) -> Plan:
             heads = Hkv
         offset = arch.norm_offset if arch.norm_offset and name.endswith("norm.weight") else 0.0
         items.append((target, _item(g, name, heads, offset)))
-    stage.mkdir(parents=True, exist_ok=True)
     staged = stage / "gguf.safetensors"
     safetensors_io.write(staged, items, metadata={"format": "pt"})
     weights, _ = safetensors_io.load(staged)
@@ -521,7 +526,6 @@ def plan_gguf(src: Path, stage: Path) -> Plan:
         mapped.append("norm weights stored as 1 + w by llama.cpp: 1 subtracted")
     mapped.append("blk.N.* / token_embd / output_norm / output -> Hugging Face names")
 
-    notes.append(write_tokenizer(meta, stage))
     notes.append("no Infini gates in the file: new gates start at gate_init")
     return Plan("gguf", config, {}, weights, None, found, g.size, mapped=mapped, notes=notes)
 

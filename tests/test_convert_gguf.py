@@ -619,3 +619,14 @@ def test_real_gemma3_gguf(tmp_path):
     for text in [t for t in TEXTS if "<|" not in t and "  " not in t] + [
             "Prices rose 12.5% in 2024: €1,299 → ¥150000!", "日本語のテキスト and Ελληνικά"]:
         assert tok.encode(text) == [meta["tokenizer.ggml.bos_token_id"]] + sp.encode(text), text
+
+
+def test_quantize_after_dequantizing(tiny_llama, tmp_path):
+    path, config, expected = tiny_llama
+    summary = convert(path, tmp_path / "q", quantize=True, q_bits=8, q_group_size=32,
+                      infini={"gate_init": -40.0})
+    assert summary.quantization == {"group_size": 32, "bits": 8, "mode": "affine"}
+    model, _, cfg = infini_mlx.load(tmp_path / "q", return_config=True)
+    ref = reference_model(config, expected)(TOKENS)
+    assert cfg["quantization"]["bits"] == 8
+    assert float(mx.abs(model(TOKENS) - ref).max()) < 0.05
