@@ -9,10 +9,12 @@ from infini_mlx.converters import convert as run_convert
 
 
 def convert(
-    src: Path = typer.Argument(..., help="Checkpoint directory to read (it is never modified)."),
+    src: Path = typer.Argument(
+        ..., help="Checkpoint directory, or a .gguf file, to read (it is never modified)."
+    ),
     dst: Path = typer.Argument(..., help="Model directory to create."),
     from_: Optional[str] = typer.Option(
-        None, "--from", help="Force the format: hf, beomi, jlamprou or nanotron (default: detected)."
+        None, "--from", help="Force the format: hf, beomi, jlamprou, nanotron or gguf (default: detected)."
     ),
     segment_len: Optional[int] = typer.Option(
         None, "--segment-len", min=1, help="Segment length N, when the checkpoint does not record it (or to override)."
@@ -24,7 +26,8 @@ def convert(
     q_bits: int = typer.Option(4, "--q-bits", min=1, max=8, help="Bits per weight when quantizing."),
     q_group_size: int = typer.Option(64, "--q-group-size", min=1, help="Group size when quantizing."),
     dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="float16, bfloat16 or float32 (default: the config's torch_dtype)."
+        None, "--dtype", help="float16, bfloat16 or float32 (default: the config's torch_dtype; "
+        "for a GGUF file float32 on Linux, float16 on macOS)."
     ),
     tokenizer: Optional[Path] = typer.Option(
         None, "--tokenizer", help="Directory to copy tokenizer files from, when SRC has none."
@@ -50,12 +53,16 @@ def convert(
                 config.yaml, tensor-parallel shards, fused qkv,
                 balance_factors): delta rule, gate activation and segment
                 length from config.yaml
+      gguf      a llama.cpp .gguf file (llama/Mistral, Qwen2/3, Gemma 1-3):
+                dequantized (K-quants need the gguf package), tokenizer and
+                chat template rebuilt from its metadata, upcycled
 
     The semantics that change the math are recorded in config.json ("infini")
     and honoured by infini_mlx.load. Example:
 
     \b
       infini convert ./Meta-Llama-3-8B ./llama3-infini --segment-len 2048 -q
+      infini convert SmolLM2-135M-Instruct.Q4_1.gguf ./smollm2-infini
     """
     infini = {}
     if segment_len is not None:

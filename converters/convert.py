@@ -22,11 +22,13 @@ from infini_mlx.utils import GATES_FILE
 from . import safetensors_io
 from .errors import ConversionError
 from .formats import FORMATS, Plan, detect, plan_beomi, plan_hf, plan_jlamprou, validate_infini
+from .gguf import is_gguf, plan_gguf
 from .nanotron import plan_nanotron
 from .paths import file_in
 from .staging import check_places, replace, staging
 
 PLANNERS = {"hf": plan_hf, "beomi": plan_beomi, "jlamprou": plan_jlamprou, "nanotron": plan_nanotron}
+PLANNERS["gguf"] = plan_gguf  # a single .gguf file, not a directory
 ALIASES = {"gemma-2b-10m": "beomi", "infini-transformer": "beomi", "huggingface": "hf"}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -121,7 +123,8 @@ def convert(
     tok_src = Path(tokenizer) if tokenizer else src
     if not src.exists():
         raise ConversionError(f"{src}: no such directory")
-    if not src.is_dir():
+    gguf = is_gguf(src)
+    if not src.is_dir() and not gguf:
         raise ConversionError(f"{src}: expected a checkpoint directory (with config.json), got a file")
     check_places(src, dst, force, tok_src)
     if quantize and (q_bits not in (2, 3, 4, 5, 6, 8) or q_group_size not in (32, 64, 128)):
@@ -131,7 +134,7 @@ def convert(
         )
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-    fmt = ALIASES.get(fmt, fmt) if fmt else detect(src)
+    fmt = ALIASES.get(fmt, fmt) if fmt else ("gguf" if gguf else detect(src))
     if fmt not in PLANNERS:
         raise ConversionError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
 
@@ -141,9 +144,11 @@ def convert(
     with staging(dst) as tmp:
         plan = PLANNERS[fmt](src, tmp / ".stage")
         summary = _write(plan, tmp, infini or {}, quantize, q_bits, q_group_size, dtype)
+        # A GGUF file's tokenizer is rebuilt from its metadata into the stage directory.
+        tok_src = Path(tokenizer) if tokenizer else (tmp / ".stage" if fmt == "gguf" else src)
         summary.tokenizer_files = _copy_tokenizer(tok_src, tmp)
         if not summary.tokenizer_files:
-            summary.notes.append(f"no tokenizer files in {tok_src}: add them (or pass --tokenizer DIR)")
+            summary.notes.append(f"no tokenizer files in {tokenizer or src}: add them (or pass --tokenizer DIR)")
         shutil.rmtree(tmp / ".stage", ignore_errors=True)
         replace(tmp, dst)
     summary.src, summary.dst = src, dst

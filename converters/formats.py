@@ -23,6 +23,8 @@ FORMATS = {
     "jlamprou": "jlamprou's Qwen1.5-MoE Infini checkpoint: self_attn.beta [1], stale M/z buffers",
     "nanotron": "nanotron Infini Llama checkpoint directory: tensor-parallel shards, fused qkv, "
     "balance_factors, model_config.json + config.yaml",
+    "gguf": "llama.cpp GGUF file (llama/Mistral, Qwen2/3, Gemma 1-3): dequantized, tokenizer "
+    "rebuilt from its metadata, upcycled with new gates",
 }
 DEFAULT_SEGMENT_LEN = 2048
 

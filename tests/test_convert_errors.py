@@ -69,7 +69,7 @@ def test_unknown_layout(tmp_path):
 
 
 def test_bad_options(tmp_path):
-    _convert_fails(FIXTURES / "plain_llama_st", tmp_path, "unknown format 'gguf'", fmt="gguf")
+    _convert_fails(FIXTURES / "plain_llama_st", tmp_path, "unknown format 'ggml'", fmt="ggml")
     _convert_fails(FIXTURES / "plain_llama_st", tmp_path, "cannot quantize to 7 bits", quantize=True, q_bits=7)
     _convert_fails(FIXTURES / "plain_llama_st", tmp_path, "invalid Infini semantics", infini={"update": "lstm"})
     _convert_fails(FIXTURES / "plain_llama_st", tmp_path, "not supported by the jlamprou format", fmt="jlamprou")
