@@ -59,6 +59,31 @@ def _new_parameters(model: nn.Module):
     return {k: v for k, v in tree_flatten(model.parameters()) if is_new_parameter(k)}
 
 
+def _gates_moved(params: Dict[str, mx.array], gate_init: float) -> bool:
+    """Whether any saved gate differs from ``gate_init``, the value new gates start at."""
+    gates = [v for k, v in params.items() if k.endswith(".gate")]
+    return any(not mx.all(g == gate_init).item() for g in gates)
+
+
+def memory_trained(model_path: Union[str, Path], infini: Optional[Dict[str, Any]] = None) -> bool:
+    """Whether the memory of a model directory was trained.
+
+    As recorded in ``infini.memory_trained``. A directory saved before that was
+    recorded (the embedded model, converted Infini checkpoints) counts as
+    trained when its gates have moved from ``gate_init``: a plain model
+    converted by ``infini convert`` holds new gates only.
+
+    Args:
+        model_path: The model directory.
+        infini: Its ``"infini"`` config block, if it has one.
+    """
+    cfg = InfiniConfig.from_dict(infini)
+    if cfg.memory_trained is not None:
+        return cfg.memory_trained
+    gates_file = Path(model_path) / GATES_FILE
+    return gates_file.exists() and _gates_moved(mx.load(str(gates_file)), cfg.gate_init)
+
+
 def load(
     path_or_hf_repo: Optional[Union[str, Path]] = None,
     infini: Optional[Dict[str, Any]] = None,
@@ -71,7 +96,9 @@ def load(
     A model saved by infini-mlx (or converted by ``infini convert``) comes back
     with its gates and its ``"infini"`` semantics. Any other mlx-lm model of a
     supported family is upcycled: its attention is replaced and new gates start
-    at ``gate_init``.
+    at ``gate_init`` (by default -12: the untrained memory gets almost no
+    weight, so inside a segment the model is its base model).
+    ``model.infini_config.memory_trained`` says whether the memory was trained.
 
     Args:
         path_or_hf_repo: Local directory or Hugging Face id; ``None`` for the
@@ -101,6 +128,9 @@ def load(
                 f"{gates_file} lacks {len(missing)} Infini parameters, e.g. {min(missing)}"
             )
         model.load_weights(list(gates.items()), strict=False)
+        if cfg.memory_trained is None:
+            cfg.memory_trained = _gates_moved(gates, saved.gate_init)
+    cfg.memory_trained = bool(cfg.memory_trained)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

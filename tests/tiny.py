@@ -42,7 +42,7 @@ CONFIGS = {
     "gemma2": dict(
         model_type="gemma2",
         head_dim=16,
-        query_pre_attn_scalar=16.0,
+        query_pre_attn_scalar=16,  # an int, as transformers (the tokenizer loader) checks
         attn_logit_softcapping=5.0,
         final_logit_softcapping=30.0,
         **_COMMON,
@@ -50,7 +50,7 @@ CONFIGS = {
     "gemma3_text": dict(
         model_type="gemma3_text",
         head_dim=16,
-        query_pre_attn_scalar=16.0,
+        query_pre_attn_scalar=16,  # an int, as transformers (the tokenizer loader) checks
         sliding_window=8,
         sliding_window_pattern=2,
         **_COMMON,
