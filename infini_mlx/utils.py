@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import (
     DEFAULT_ALLOW_PATTERNS,
     _download,
@@ -59,6 +59,19 @@ def _new_parameters(model: nn.Module):
     return {k: v for k, v in tree_flatten(model.parameters()) if is_new_parameter(k)}
 
 
+def upcast_half(model: nn.Module) -> nn.Module:
+    """Cast a model's float16 and bfloat16 parameters to float32, in place.
+
+    MLX's CPU backend runs the matrix products of MoE experts (``GatherMM``) in
+    float32 only, and half-precision matrix products, quantized ones included
+    (their scales and biases), many times slower than float32 ones. Quantized
+    weights stay packed.
+    """
+    half = (mx.float16, mx.bfloat16)
+    model.update(tree_map(lambda v: v.astype(mx.float32) if v.dtype in half else v, model.parameters()))
+    return model
+
+
 def _gates_moved(params: Dict[str, mx.array], gate_init: float) -> bool:
     """Whether any saved gate differs from ``gate_init``, the value new gates start at."""
     gates = [v for k, v in params.items() if k.endswith(".gate")]
@@ -99,6 +112,8 @@ def load(
     at ``gate_init`` (by default -12: the untrained memory gets almost no
     weight, so inside a segment the model is its base model).
     ``model.infini_config.memory_trained`` says whether the memory was trained.
+    Where the default device is the CPU, float16 and bfloat16 weights are cast
+    to float32 (``upcast_half``); quantized weights stay quantized.
 
     Args:
         path_or_hf_repo: Local directory or Hugging Face id; ``None`` for the
@@ -131,6 +146,8 @@ def load(
         if cfg.memory_trained is None:
             cfg.memory_trained = _gates_moved(gates, saved.gate_init)
     cfg.memory_trained = bool(cfg.memory_trained)
+    if mx.default_device() == mx.cpu:
+        upcast_half(model)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

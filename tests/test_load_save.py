@@ -5,10 +5,11 @@ import json
 import mlx.core as mx
 import mlx_lm
 import pytest
+from mlx.utils import tree_flatten
 from tiny import VOCAB, save_base
 
 import infini_mlx
-from infini_mlx import ModelNotFoundError
+from infini_mlx import InfiniSession, ModelNotFoundError
 from infini_mlx.utils import DEFAULT_MODEL, memory_trained
 
 
@@ -107,3 +108,17 @@ def test_memory_trained_is_recorded_and_inferred_for_older_directories(tmp_path)
     default = json.loads((DEFAULT_MODEL / "config.json").read_text())["infini"]
     assert "memory_trained" not in default and memory_trained(DEFAULT_MODEL, default)
 
+
+@pytest.mark.filterwarnings("ignore:the memory of")
+@pytest.mark.parametrize("dtype,bits", [("float16", None), ("bfloat16", None), ("float16", 4)])
+def test_half_precision_moe_reads_and_generates_on_cpu(tmp_path, dtype, bits):
+    save_base(tmp_path, "qwen2_moe", dtype=dtype, bits=bits)
+    session = InfiniSession.load(tmp_path, segment_len=8)
+    session.read(" ".join(f"t{2 + i % 90}" for i in range(30)))
+    session.ask("t5 t6", max_tokens=4)
+    assert session.response.generation_tokens >= 1
+    params = dict(tree_flatten(session.model.parameters()))
+    experts = params["model.layers.0.mlp.switch_mlp.gate_proj.weight"]
+    assert experts.dtype == (mx.uint32 if bits else mx.float32)  # quantized weights stay packed
+    if mx.default_device() == mx.cpu:  # what the CPU backend runs fast, or at all
+        assert {a.dtype for a in params.values()} <= {mx.float32, mx.uint32}
