@@ -20,7 +20,8 @@ def convert(
         None, "--segment-len", min=1, help="Segment length N, when the checkpoint does not record it (or to override)."
     ),
     gate_init: Optional[float] = typer.Option(
-        None, "--gate-init", help="Initial gate logit of a plain model's new gates (default 0: sigmoid 0.5)."
+        None, "--gate-init", help="Initial gate logit of a plain model's new gates "
+        "(default -12: the untrained memory weighs sigmoid(-12) = 6e-6)."
     ),
     quantize: bool = typer.Option(False, "--quantize", "-q", help="Quantize the base weights with mlx-lm."),
     q_bits: int = typer.Option(4, "--q-bits", min=1, max=8, help="Bits per weight when quantizing."),

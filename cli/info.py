@@ -1,12 +1,16 @@
 """What a model directory or a state file holds, read without loading any weights."""
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Any, Dict
 
+import mlx.core as mx
+
 from infini_mlx.config import InfiniConfig
 from infini_mlx.state import read_state
+from infini_mlx.utils import memory_trained
 
 
 def _safetensors_header(path: Path) -> Dict[str, Any]:
@@ -44,7 +48,8 @@ def model_info(path: Path) -> Dict[str, Any]:
     if layers and kv_heads and head_dim:
         memory = layers * kv_heads * head_dim * (head_dim + 1) * 4  # M and z, float32
         # The current segment: its keys and values, and its pending dM, dz.
-        width = 4 if dtypes <= {"F32"} else 2
+        # Activations are float32 unless the weights are half precision (cast to float32 on CPU).
+        width = 2 if dtypes & {"F16", "BF16"} and mx.default_device() != mx.cpu else 4
         segment = layers * kv_heads * seg * head_dim * 2 * width + memory
     return {
         "kind": "model",
@@ -64,6 +69,7 @@ def model_info(path: Path) -> Dict[str, Any]:
         "chat_template": chat,
         "infini": infini,
         "gates": (path / "infini.safetensors").exists(),
+        "memory_trained": memory_trained(path, infini),
         "segment_len": seg,
         "memory_bytes": memory,
         "segment_bytes": segment,
@@ -102,6 +108,17 @@ def _mb(n) -> str:
         n /= 1024
 
 
+def _gates(d: Dict[str, Any]) -> str:
+    if d["gates"]:
+        return f"{'trained' if d['memory_trained'] else 'saved, never trained'} (infini.safetensors)"
+    cfg = InfiniConfig.from_dict(d["infini"])
+    g = cfg.gate_init
+    out = f"none: new gates start at gate_init={g}"
+    if cfg.gate_act == "sigmoid" and cfg.gate_weights == "memory":
+        out += f": the memory weighs sigmoid({g}) = {1 / (1 + math.exp(-g)):.1e}"
+    return out
+
+
 def format_info(d: Dict[str, Any]) -> str:
     """The human-readable lines of ``model_info`` or ``state_info``."""
     if d["kind"] == "state":
@@ -131,7 +148,9 @@ def format_info(d: Dict[str, Any]) -> str:
                           + ("chat template" if d["chat_template"] else "no chat template")),
             ("infini", " ".join(f"{k}={v}" for k, v in infini.items() if k != "version")
              if infini else "none: upcycled when loaded (new gates, default semantics)"),
-            ("gates", "trained (infini.safetensors)" if d["gates"] else "none: start at gate_init"),
+            ("gates", _gates(d)),
+            ("trained", "yes: the memory was trained" if d["memory_trained"] else
+             "no: the memory was never trained; answers see only the last segment"),
             ("memory", f"{_mb(d['memory_bytes'])} compressive memory + at most "
                        f"{_mb(d['segment_bytes'])} for the current segment of "
                        f"{d['segment_len']:,} tokens, whatever the length read"),

@@ -262,6 +262,12 @@ def _answer(session, stream, json_out: bool, key: str, extra: dict):
                 f"Peak memory: {r.peak_memory:.3f} GB",
                 err=True,
             )
+        if not session.model.infini_config.memory_trained:
+            typer.echo(
+                f"Memory: never trained, so the answer saw only the last segment: "
+                f"{session.tokens_seen:,} of the {session.tokens_read:,} tokens read",
+                err=True,
+            )
         return
     typer.echo(json.dumps({
         **extra,
@@ -269,6 +275,8 @@ def _answer(session, stream, json_out: bool, key: str, extra: dict):
         "source": session.meta.get("source"),
         "complete": session.complete,
         "tokens_read": session.tokens_read,
+        "memory_trained": bool(session.model.infini_config.memory_trained),
+        "tokens_seen": session.tokens_seen,
         "prompt_tokens": r.prompt_tokens if r else 0,
         "generation_tokens": r.generation_tokens if r else 0,
         "finish_reason": r.finish_reason if r else None,

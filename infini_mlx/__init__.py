@@ -5,7 +5,7 @@ from .attention import InfiniAttention
 from .cache import InfiniCache
 from .config import InfiniConfig
 from .reading import InputError
-from .session import InfiniSession
+from .session import InfiniSession, UntrainedMemoryWarning
 from .state import StateFileError, load_state, model_fingerprint, save_state
 from .streaming import prefill
 from .upcycle import SUPPORTED_MODEL_TYPES, upcycle
@@ -22,6 +22,7 @@ __all__ = [
     "ModelNotFoundError",
     "StateFileError",
     "SUPPORTED_MODEL_TYPES",
+    "UntrainedMemoryWarning",
     "load",
     "load_state",
     "model_fingerprint",

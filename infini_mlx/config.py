@@ -4,6 +4,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional
 
 FORMAT_VERSION = 1
+# sigmoid(-12) = 6.1e-6: new gates give an untrained memory (almost) no weight.
+UNTRAINED_GATE_INIT = -12.0
 
 _CHOICES = {
     "update": ("linear", "delta"),
@@ -25,7 +27,11 @@ class InfiniConfig:
         segment_len: Tokens per segment N. Local attention sees only the current
             segment; everything before it is read from the compressive memory.
         update: Memory update rule: ``"linear"`` (Eq. 8) or ``"delta"`` (Eq. 9).
-        gate_init: Initial gate logit beta of every head (sigmoid(0) = 0.5).
+        gate_init: Initial gate logit beta of new gates. The default, -12,
+            gives the memory the weight sigmoid(-12) = 6.1e-6, so a model
+            upcycled with a memory that was never trained computes, inside a
+            segment, what its base model does. Training starts an untrained
+            memory's gates at 0 (sigmoid 0.5) instead.
         first_segment: How an empty memory is read. ``"zero"``: M_0 = 0,
             z_0 = 0 and the 0/0 retrieval is defined as 0, so the first segment
             reads nothing. ``"eps"``: the denominator is ``sigma(Q) z + eps``
@@ -61,11 +67,15 @@ class InfiniConfig:
             to the q, k and v that read and write the memory (0: none). Keys
             then carry the tokens just before them, which ordered recall
             needs. Local attention does not see it. Starts as the identity.
+        memory_trained: Whether the memory was trained (the trainer records
+            ``True`` once it has taken a step). ``None``: not recorded;
+            ``infini_mlx.load`` then decides from the saved gates (see
+            ``infini_mlx.utils.memory_trained``). Not part of the math.
     """
 
     segment_len: int = 2048
     update: str = "delta"
-    gate_init: float = 0.0
+    gate_init: float = UNTRAINED_GATE_INIT
     first_segment: str = "zero"
     eps: float = 1e-6
     rope_mode: str = "segment"
@@ -76,6 +86,7 @@ class InfiniConfig:
     feature_map: str = "elu1"
     memory: str = "paper"
     conv_size: int = 0
+    memory_trained: Optional[bool] = None
 
     def __post_init__(self):
         if int(self.segment_len) < 1:
@@ -84,6 +95,8 @@ class InfiniConfig:
         if int(self.conv_size) < 0:
             raise ValueError(f"conv_size must be >= 0, got {self.conv_size}")
         self.conv_size = int(self.conv_size)
+        if not (self.memory_trained is None or isinstance(self.memory_trained, bool)):
+            raise ValueError(f"infini.memory_trained must be true or false, got {self.memory_trained!r}")
         if self.memory_rope and (self.conv_size or self.memory == "normalized"):
             raise ValueError("memory_rope goes with the paper's memory and no convolution only")
         for name, allowed in _CHOICES.items():
@@ -102,7 +115,10 @@ class InfiniConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"version": FORMAT_VERSION, **asdict(self)}
+        d = asdict(self)
+        if d["memory_trained"] is None:  # not recorded: decided from the gates when loaded
+            del d["memory_trained"]
+        return {"version": FORMAT_VERSION, **d}
 
     def replace(self, **overrides) -> "InfiniConfig":
         return InfiniConfig.from_dict({**asdict(self), **overrides})

@@ -1,6 +1,7 @@
 """InfiniSession: read a book once into a bounded memory, then ask it questions."""
 
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Union
 
@@ -24,6 +25,10 @@ _KEYS = ("model", "prompt_format", "source", "source_size", "source_sha",
          "source_chunk", "source_pos", "source_skip", "head", "complete")
 
 Progress = Callable[[int, int, int], None]
+
+
+class UntrainedMemoryWarning(UserWarning):
+    """Reading with a memory that was never trained: only the last segment is seen."""
 
 
 def _model_id(model: Optional[Union[str, Path]]) -> str:
@@ -83,8 +88,23 @@ class InfiniSession:
                 embedded default model.
             segment_len: Tokens per segment, overriding the model's.
         """
+        session = cls._open(model, segment_len)
+        session._warn_if_untrained(model)
+        return session
+
+    @classmethod
+    def _open(cls, model, segment_len) -> "InfiniSession":
         m, tok = load(model, infini={"segment_len": segment_len} if segment_len else None)
         return cls(m, tok, _model_id(model))
+
+    def _warn_if_untrained(self, model):
+        if not self.model.infini_config.memory_trained:
+            warnings.warn(
+                f"the memory of {model or 'the embedded model'} was never trained: "
+                "answers see only the last segment",
+                UntrainedMemoryWarning,
+                stacklevel=3,
+            )
 
     @classmethod
     def restore(
@@ -110,8 +130,9 @@ class InfiniSession:
             except Exception:
                 raise StateFileError(f"{path}: unreadable infini config in state file") from None
         recorded = model is None and meta.get("model")
+        model = meta["model"] if recorded else model
         try:
-            session = cls.load(meta["model"] if recorded else model, segment_len)
+            session = cls._open(model, segment_len)
         except ModelNotFoundError as e:
             if not recorded:
                 raise
@@ -122,6 +143,7 @@ class InfiniSession:
         session.meta.update({k: saved[k] for k in _KEYS if k in saved})
         session.checkpointed = session.tokens_read
         session.path = Path(path).resolve()
+        session._warn_if_untrained(model)  # only once the state is known to fit
         return session
 
     @property
@@ -134,6 +156,14 @@ class InfiniSession:
     def tokens_read(self) -> int:
         """Tokens the memory holds."""
         return self.cache[0].offset
+
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens read that an answer can see: all of them, or with a memory
+        that was never trained only those of the last, unfinished segment."""
+        if self.model.infini_config.memory_trained:
+            return self.tokens_read
+        return self.cache[0].segment_pos
 
     @property
     def complete(self) -> bool:

@@ -173,11 +173,13 @@ def load_state(
         saved_cfg = InfiniConfig.from_dict(json.loads(meta["infini"]))
     except Exception:
         raise StateFileError(f"{path}: unreadable infini config in state file") from None
-    # gate_init only seeds new gates; the gates themselves are in the fingerprint.
+    # gate_init only seeds new gates and memory_trained (absent from older files)
+    # records training; the gates and weights themselves are in the fingerprint.
+    ours = cfg.to_dict()
     diff = [
         k
         for k, v in saved_cfg.to_dict().items()
-        if k != "gate_init" and cfg.to_dict().get(k) != v
+        if k not in ("gate_init", "memory_trained") and ours.get(k) != v
     ]
     if diff:
         raise StateFileError(

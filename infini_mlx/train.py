@@ -39,6 +39,9 @@ from .upcycle import upcycle
 from .utils import load, save
 
 CKPT = "checkpoint"
+# Gates of an untrained memory start here when training: sigmoid(0) = 0.5 gives the
+# memory gradients from the first step (the default gate_init, -12, almost none).
+TRAIN_GATE_INIT = 0.0
 
 
 @dataclass
@@ -53,6 +56,8 @@ class TrainArgs:
         books, book_names: Where the training books are, and which to use.
         arch: mlx-lm Llama config overrides for a new model.
         infini: The ``"infini"`` block of a new model (or overrides for ``init``).
+            Its ``gate_init`` (default 0) is where the gates of a memory that
+            was never trained start.
         steps: Train until this many optimizer steps in total.
         batch_size: Sequences per step.
         segments: (min, max) segments per sequence at the start of training.
@@ -143,6 +148,13 @@ def new_model(arch: Dict[str, Any], infini: InfiniConfig, vocab_size: int, seed:
     upcycle(model, config["model_type"], infini)
     mx.eval(model.parameters())
     return model, config
+
+
+def start_gates(model: nn.Module, value: float):
+    """Set every gate to ``value`` (and the recorded ``gate_init``) before training."""
+    for layer in model.layers:
+        layer.self_attn.gate = mx.full(layer.self_attn.gate.shape, value, mx.float32)
+    model.infini_config.gate_init = value
 
 
 # ---- data ----
@@ -474,7 +486,9 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
         tokenizer = load_tokenizer(Path(args.tokenizer))
         infini = InfiniConfig.from_dict(args.infini)
         model, config = new_model(args.arch, infini, len(tokenizer.vocab), args.seed)
-        config["infini"] = infini.to_dict()
+    if not ckpt.exists() and not model.infini_config.memory_trained:
+        start_gates(model, args.infini.get("gate_init", TRAIN_GATE_INIT))
+    config["infini"] = model.infini_config.to_dict()
     if args.loss_positions and config["model_type"] not in SUBSAMPLED_TYPES:
         raise ValueError(f"loss_positions works for {', '.join(SUBSAMPLED_TYPES)} models only")
     model.train()
@@ -502,6 +516,8 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
 
     def checkpoint():
         trainer["rng"] = batches.rng.bit_generator.state
+        if trainer["step"]:
+            model.infini_config.memory_trained = True
         save_checkpoint(run, model, tokenizer, config, opt, trainer)
 
     t_last, c_last = time.time(), time.process_time()

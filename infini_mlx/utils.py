@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import (
     DEFAULT_ALLOW_PATTERNS,
     _download,
@@ -59,6 +59,44 @@ def _new_parameters(model: nn.Module):
     return {k: v for k, v in tree_flatten(model.parameters()) if is_new_parameter(k)}
 
 
+def upcast_half(model: nn.Module) -> nn.Module:
+    """Cast a model's float16 and bfloat16 parameters to float32, in place.
+
+    MLX's CPU backend runs the matrix products of MoE experts (``GatherMM``) in
+    float32 only, and half-precision matrix products, quantized ones included
+    (their scales and biases), many times slower than float32 ones. Quantized
+    weights stay packed.
+    """
+    half = (mx.float16, mx.bfloat16)
+    model.update(tree_map(lambda v: v.astype(mx.float32) if v.dtype in half else v, model.parameters()))
+    return model
+
+
+def _gates_moved(params: Dict[str, mx.array], gate_init: float) -> bool:
+    """Whether any saved gate differs from ``gate_init``, the value new gates start at."""
+    gates = [v for k, v in params.items() if k.endswith(".gate")]
+    return any(not mx.all(g == gate_init).item() for g in gates)
+
+
+def memory_trained(model_path: Union[str, Path], infini: Optional[Dict[str, Any]] = None) -> bool:
+    """Whether the memory of a model directory was trained.
+
+    As recorded in ``infini.memory_trained``. A directory saved before that was
+    recorded (the embedded model, converted Infini checkpoints) counts as
+    trained when its gates have moved from ``gate_init``: a plain model
+    converted by ``infini convert`` holds new gates only.
+
+    Args:
+        model_path: The model directory.
+        infini: Its ``"infini"`` config block, if it has one.
+    """
+    cfg = InfiniConfig.from_dict(infini)
+    if cfg.memory_trained is not None:
+        return cfg.memory_trained
+    gates_file = Path(model_path) / GATES_FILE
+    return gates_file.exists() and _gates_moved(mx.load(str(gates_file)), cfg.gate_init)
+
+
 def load(
     path_or_hf_repo: Optional[Union[str, Path]] = None,
     infini: Optional[Dict[str, Any]] = None,
@@ -71,7 +109,11 @@ def load(
     A model saved by infini-mlx (or converted by ``infini convert``) comes back
     with its gates and its ``"infini"`` semantics. Any other mlx-lm model of a
     supported family is upcycled: its attention is replaced and new gates start
-    at ``gate_init``.
+    at ``gate_init`` (by default -12: the untrained memory gets almost no
+    weight, so inside a segment the model is its base model).
+    ``model.infini_config.memory_trained`` says whether the memory was trained.
+    Where the default device is the CPU, float16 and bfloat16 weights are cast
+    to float32 (``upcast_half``); quantized weights stay quantized.
 
     Args:
         path_or_hf_repo: Local directory or Hugging Face id; ``None`` for the
@@ -101,6 +143,11 @@ def load(
                 f"{gates_file} lacks {len(missing)} Infini parameters, e.g. {min(missing)}"
             )
         model.load_weights(list(gates.items()), strict=False)
+        if cfg.memory_trained is None:
+            cfg.memory_trained = _gates_moved(gates, saved.gate_init)
+    cfg.memory_trained = bool(cfg.memory_trained)
+    if mx.default_device() == mx.cpu:
+        upcast_half(model)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()

@@ -13,8 +13,13 @@ SEGMENT = 8
 
 
 def model_dir(path: Path, chat_template: str = None) -> Path:
-    """A tiny llama saved as an mlx-lm directory with segments of 8 tokens."""
-    save_base(path, "llama", seed=0, infini={"segment_len": SEGMENT})
+    """A tiny llama saved as an mlx-lm directory with segments of 8 tokens.
+
+    It stands in for a trained Infini model: its memory counts as trained and
+    its gates start at 0 (sigmoid 0.5), so the memory weighs in every answer.
+    """
+    infini = {"segment_len": SEGMENT, "gate_init": 0.0, "memory_trained": True}
+    save_base(path, "llama", seed=0, infini=infini)
     if chat_template:
         cfg = path / "tokenizer_config.json"
         tok = json.loads(cfg.read_text())

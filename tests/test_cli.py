@@ -160,6 +160,34 @@ def test_answers_are_followed_by_statistics_on_stderr(tiny, shelf):
     assert out["generation_tokens"] == 4 and out["generation_tps"] > 0 and out["peak_memory_gb"] > 0
 
 
+def test_untrained_memory_is_warned_of_once_and_answers_say_what_they_saw(tmp_path):
+    from tiny import save_base
+
+    plain = tmp_path / "plain"
+    save_base(plain, "llama")  # a plain mlx-lm model: upcycled, its memory never trained
+    (tmp_path / "b.txt").write_text(book(21, seed=2))
+    r = cli("read", tmp_path / "b.txt", "-o", tmp_path / "b.state", "--model", plain, "--segment-len", 8)
+    assert r.exit_code == 0, r.output
+    warning = f"warning: the memory of {plain} was never trained: answers see only the last segment"
+    assert r.stderr.splitlines() == [warning]
+    r = cli("query", tmp_path / "b.state", "t5", "-m", 3)
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    assert lines[0] == warning.replace(str(plain), str(plain.resolve())) and r.stderr.count("warning") == 1
+    assert lines[-1] == (
+        "Memory: never trained, so the answer saw only the last segment: 5 of the 21 tokens read"
+    )
+    r = cli("summarize", tmp_path / "b.state", "-m", 3, "--json")
+    out = json.loads(r.stdout)
+    assert (out["memory_trained"], out["tokens_seen"], out["tokens_read"]) == (False, 5, 21)
+
+    info = cli("info", plain).stdout
+    assert "trained    no: the memory was never trained; answers see only the last segment" in info
+    assert "gates      none: new gates start at gate_init=-12.0" in info
+    assert json.loads(cli("info", plain, "--json").stdout)["memory_trained"] is False
+    assert "trained    yes" in cli("info").stdout  # the embedded model
+
+
 def test_query_on_a_state_does_not_read_the_book(tiny, shelf, tmp_path, monkeypatch):
     shutil.copy(shelf / "book.state", tmp_path / "book.state")
     shutil.copy(shelf / "book.txt", tmp_path / "book.txt")

@@ -3,8 +3,9 @@
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from tiny import CONFIGS, VOCAB, make_base
+from tiny import CONFIGS, VOCAB, make_base, save_base
 
+import infini_mlx
 from infini_mlx import InfiniAttention, InfiniConfig, upcycle
 
 L = 20  # longer than the sliding windows of llama_swa and gemma3_text (8)
@@ -31,11 +32,32 @@ def test_local_gates_reproduce_base_model(family, form):
     assert mx.allclose(out, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_plain_model_loaded_by_default_is_the_base_model(family, tmp_path):
+    base, _ = save_base(tmp_path, family)
+    tokens = mx.random.randint(0, VOCAB, (2, L), key=mx.random.key(3))
+    expected = base(tokens)
+    model, _ = infini_mlx.load(tmp_path)  # no overrides: upcycled, its memory never trained
+    assert model.infini_config.memory_trained is False
+    assert mx.allclose(model(tokens), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_untrained_memory_leaves_each_segment_to_the_base_model(family, tmp_path):
+    base, _ = save_base(tmp_path, family)
+    tokens = mx.random.randint(0, VOCAB, (1, L), key=mx.random.key(4))
+    model, _ = infini_mlx.load(tmp_path, infini={"segment_len": 8})
+    out = model(tokens, cache=model.make_cache())
+    for a in range(0, L, 8):  # the memory holds the segments before, with a weight of 6e-6
+        assert mx.allclose(out[:, a : a + 8], base(tokens[:, a : a + 8]), atol=1e-4, rtol=0), a
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_memory_streaming_per_family(family, form):
     base, config = make_base(family)
-    model = upcycle(base, config["model_type"], InfiniConfig(segment_len=6, **FORMS[form]))
+    cfg = InfiniConfig(segment_len=6, gate_init=0.0, **FORMS[form])  # the memory weighs
+    model = upcycle(base, config["model_type"], cfg)
     tokens = mx.random.randint(0, VOCAB, (1, L), key=mx.random.key(2))
     full = model(tokens)
     cache = model.make_cache()

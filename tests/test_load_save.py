@@ -5,10 +5,12 @@ import json
 import mlx.core as mx
 import mlx_lm
 import pytest
+from mlx.utils import tree_flatten
 from tiny import VOCAB, save_base
 
 import infini_mlx
-from infini_mlx import ModelNotFoundError
+from infini_mlx import InfiniSession, ModelNotFoundError
+from infini_mlx.utils import DEFAULT_MODEL, memory_trained
 
 
 def test_save_load_round_trip(tmp_path):
@@ -74,3 +76,49 @@ def test_new_memory_parameters_round_trip_and_fine_tuning_switch(tmp_path):
     })
     with pytest.raises(ValueError, match="lacks"):
         infini_mlx.load(tmp_path / "out")
+
+
+def test_memory_trained_is_recorded_and_inferred_for_older_directories(tmp_path):
+    save_base(tmp_path / "base", "llama")
+    model, tok, config = infini_mlx.load(tmp_path / "base", return_config=True)
+    assert model.infini_config.memory_trained is False
+    assert mx.all(model.layers[0].self_attn.gate == -12.0).item()  # sigmoid: 6e-6
+    assert not memory_trained(tmp_path / "base")
+    opened, _ = infini_mlx.load(tmp_path / "base", infini={"gate_init": 0.0})  # the override
+    assert mx.all(opened.layers[0].self_attn.gate == 0.0).item()
+
+    infini_mlx.save(tmp_path / "saved", model, tok, config)
+    path = tmp_path / "saved" / "config.json"
+    saved = json.loads(path.read_text())
+    assert saved["infini"]["memory_trained"] is False
+    assert infini_mlx.load(tmp_path / "saved")[0].infini_config.memory_trained is False
+
+    # Saved before it was recorded: trained if the gates moved from gate_init
+    # (a plain model converted by `infini convert` holds new gates only).
+    del saved["infini"]["memory_trained"]
+    path.write_text(json.dumps(saved))
+    assert not memory_trained(tmp_path / "saved", saved["infini"])
+    assert infini_mlx.load(tmp_path / "saved")[0].infini_config.memory_trained is False
+    gates = mx.load(str(tmp_path / "saved" / "infini.safetensors"))
+    gates["model.layers.1.self_attn.gate"] = gates["model.layers.1.self_attn.gate"] + 1
+    mx.save_safetensors(str(tmp_path / "saved" / "infini.safetensors"), gates)
+    assert memory_trained(tmp_path / "saved", saved["infini"])
+    assert infini_mlx.load(tmp_path / "saved")[0].infini_config.memory_trained is True
+    # The embedded model was saved so.
+    default = json.loads((DEFAULT_MODEL / "config.json").read_text())["infini"]
+    assert "memory_trained" not in default and memory_trained(DEFAULT_MODEL, default)
+
+
+@pytest.mark.filterwarnings("ignore:the memory of")
+@pytest.mark.parametrize("dtype,bits", [("float16", None), ("bfloat16", None), ("float16", 4)])
+def test_half_precision_moe_reads_and_generates_on_cpu(tmp_path, dtype, bits):
+    save_base(tmp_path, "qwen2_moe", dtype=dtype, bits=bits)
+    session = InfiniSession.load(tmp_path, segment_len=8)
+    session.read(" ".join(f"t{2 + i % 90}" for i in range(30)))
+    session.ask("t5 t6", max_tokens=4)
+    assert session.response.generation_tokens >= 1
+    params = dict(tree_flatten(session.model.parameters()))
+    experts = params["model.layers.0.mlp.switch_mlp.gate_proj.weight"]
+    assert experts.dtype == (mx.uint32 if bits else mx.float32)  # quantized weights stay packed
+    if mx.default_device() == mx.cpu:  # what the CPU backend runs fast, or at all
+        assert {a.dtype for a in params.values()} <= {mx.float32, mx.uint32}

@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 
 from infini_mlx import InfiniConfig
-from infini_mlx.train import TrainArgs, make_optimizer, new_model, weighted_loss
+from infini_mlx.train import TRAIN_GATE_INIT, TrainArgs, make_optimizer, new_model, weighted_loss
 
 V, N, K = 64, 16, 5
 DIGITS = np.arange(10, 20)
@@ -50,7 +50,7 @@ def test_normalized_memory_with_conv_recalls_keys_in_order():
         hidden_size=64, num_hidden_layers=2, intermediate_size=128,
         num_attention_heads=4, num_key_value_heads=4,
     )
-    infini = InfiniConfig(segment_len=N, memory="normalized", conv_size=4)
+    infini = InfiniConfig(segment_len=N, memory="normalized", conv_size=4, gate_init=TRAIN_GATE_INIT)
     model, _ = new_model(arch, infini, V, seed=0)
     opt = make_optimizer(TrainArgs(out="-", lr=3e-3, warmup=20, weight_decay=0.0))
     loss_and_grad = nn.value_and_grad(model, weighted_loss)

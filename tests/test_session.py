@@ -2,6 +2,7 @@
 
 import io
 import types
+import warnings
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,7 +11,7 @@ from books import book, greedy, model_dir, reference_cache, same_state
 
 import infini_mlx
 import infini_mlx.reading as reading
-from infini_mlx import InfiniSession, InputError, load_state
+from infini_mlx import InfiniSession, InputError, UntrainedMemoryWarning, load_state
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = (
@@ -203,3 +204,25 @@ def test_readme_api_example_runs_verbatim_from_the_repo_root(tiny, monkeypatch):
             state.unlink(missing_ok=True)
         else:
             state.write_bytes(kept)
+
+
+def test_untrained_memory_is_warned_of_once_and_answers_see_the_last_segment(tiny, tmp_path):
+    from tiny import save_base
+
+    save_base(tmp_path / "plain", "llama")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        session = InfiniSession.load(tiny)  # stands in for a trained model
+        assert session.tokens_seen == 0 and not seen
+        plain = InfiniSession.load(tmp_path / "plain", segment_len=8)
+    (w,) = seen
+    assert issubclass(w.category, UntrainedMemoryWarning) and str(w.message) == (
+        f"the memory of {tmp_path / 'plain'} was never trained: answers see only the last segment"
+    )
+    plain.read(book(21, seed=2))
+    session.read(book(21, seed=2))
+    assert (plain.tokens_read, plain.tokens_seen) == (21, 5)  # 16 of the 21 words in the memory
+    assert session.tokens_seen == 21
+    plain.save(tmp_path / "plain.state")
+    with pytest.warns(UntrainedMemoryWarning, match="never trained"):
+        InfiniSession.restore(tmp_path / "plain.state")

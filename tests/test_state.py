@@ -1,5 +1,6 @@
 """State files: exact round trips, and refusal of anything that does not fit."""
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -8,6 +9,7 @@ import pytest
 from tiny import VOCAB, make_infini
 
 from infini_mlx import StateFileError, load_state, prefill, save_state
+from infini_mlx.state import read_state
 
 N = 8
 
@@ -51,6 +53,27 @@ def test_other_model_or_config_is_refused(tmp_path):
     model.infini_config = model.infini_config.replace(update="linear")
     with pytest.raises(StateFileError, match="update"):
         load_state(path, model)
+
+
+def test_gate_init_and_memory_trained_do_not_keep_a_state_from_its_model(tmp_path):
+    model, _ = make_infini("llama", segment_len=N)
+    model.infini_config.memory_trained = False
+    cache = model.make_cache()
+    prefill(model, list(range(20)), cache)
+    save_state(tmp_path / "s.state", cache, model)
+    assert json.loads(read_state(tmp_path / "s.state")[1]["infini"])["memory_trained"] is False
+    # Older files record neither memory_trained nor the gate_init of today.
+    old = {k: v for k, v in model.infini_config.to_dict().items() if k != "memory_trained"}
+    _resave(tmp_path / "s.state", tmp_path / "old.state", lambda a: a,
+            {"infini": json.dumps({**old, "gate_init": 0.0})})
+    for trained in (None, False, True):
+        model.infini_config.memory_trained = trained
+        for name in ("s.state", "old.state"):
+            load_state(tmp_path / name, model)
+    # A fine-tuned model is another model, whatever it records.
+    model.layers[0].self_attn.gate = model.layers[0].self_attn.gate + 1
+    with pytest.raises(StateFileError, match="another model"):
+        load_state(tmp_path / "old.state", model)
 
 
 def test_corrupt_truncated_and_foreign_files_are_refused(tmp_path):

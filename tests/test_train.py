@@ -10,7 +10,7 @@ from mlx.utils import tree_flatten
 
 from infini_mlx import InfiniConfig, load
 from infini_mlx.tasks import Pieces, passkey_prompt
-from infini_mlx.train import TrainArgs, new_model, train
+from infini_mlx.train import TRAIN_GATE_INIT, TrainArgs, new_model, train
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2)
 
@@ -53,6 +53,8 @@ def held_out_loss(model_dir, tokenizer):
 def test_training_reduces_loss(tmp_path, default_tokenizer, tokenizer_dir, books_dir):
     a = args(tmp_path / "run", tokenizer_dir, books_dir, steps=1, lr=3e-3)
     train(a, log=lambda s: None)
+    saved = json.loads((tmp_path / "run" / "checkpoint" / "model" / "config.json").read_text())
+    assert saved["infini"]["memory_trained"] is True and saved["infini"]["gate_init"] == 0.0
     before = held_out_loss(tmp_path / "run" / "checkpoint" / "model", default_tokenizer)
     a.steps = 40
     train(a, log=lambda s: None)
@@ -76,7 +78,8 @@ def test_resume_continues_the_same_run(tmp_path, tokenizer_dir, books_dir):
 def test_gates_have_their_own_rate_and_no_decay(tmp_path, tokenizer_dir, default_tokenizer, books_dir):
     lr, gate_lr, wd = 1e-4, 0.05, 0.5
     a = args(tmp_path / "run", tokenizer_dir, books_dir, steps=1, lr=lr, gate_lr=gate_lr, weight_decay=wd)
-    first = new_model(TINY, InfiniConfig(segment_len=64), len(default_tokenizer.vocab), 0)[0]
+    cfg = InfiniConfig(segment_len=64, gate_init=TRAIN_GATE_INIT)  # where train() starts the gates
+    first = new_model(TINY, cfg, len(default_tokenizer.vocab), 0)[0]
     start = dict(tree_flatten(first.parameters()))
     train(a, log=lambda s: None)
     end = params(tmp_path / "run")
@@ -134,3 +137,20 @@ def test_repeat_targets_are_only_in_an_earlier_segment(tmp_path, tokenizer_dir, 
         assert not np.isin(toks[seg * 64 : first], toks[targets]).any()
         digits = default_tokenizer.convert_tokens_to_ids(list("0123456789"))
         assert list(toks[targets]) == list(before[np.isin(before, digits)])
+
+
+def test_fine_tuning_a_plain_model_opens_its_gates_and_records_the_training(tmp_path, books_dir):
+    from tiny import save_base
+
+    save_base(tmp_path / "plain", "llama")  # loaded with gates at -12: the memory weighs nothing
+    tok = tmp_path / "plain" / "tokenizer_config.json"
+    tok.write_text(json.dumps({**json.loads(tok.read_text()), "bos_token": "t2"}))  # books start with BOS
+    a = args(tmp_path / "run", None, books_dir, init=str(tmp_path / "plain"), infini={"segment_len": 8},
+             mix={"lm": 1.0}, steps=0)
+    train(a, log=lambda s: None)  # a checkpoint without a step: not trained yet
+    model, _ = load(tmp_path / "run" / "checkpoint" / "model")
+    assert model.infini_config.memory_trained is False
+    assert all(mx.all(l.self_attn.gate == TRAIN_GATE_INIT).item() for l in model.layers)
+    a.steps = 1
+    train(a, log=lambda s: None)
+    assert load(tmp_path / "run" / "checkpoint" / "model")[0].infini_config.memory_trained is True

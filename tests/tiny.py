@@ -42,7 +42,7 @@ CONFIGS = {
     "gemma2": dict(
         model_type="gemma2",
         head_dim=16,
-        query_pre_attn_scalar=16.0,
+        query_pre_attn_scalar=16,  # an int, as transformers (the tokenizer loader) checks
         attn_logit_softcapping=5.0,
         final_logit_softcapping=30.0,
         **_COMMON,
@@ -50,7 +50,7 @@ CONFIGS = {
     "gemma3_text": dict(
         model_type="gemma3_text",
         head_dim=16,
-        query_pre_attn_scalar=16.0,
+        query_pre_attn_scalar=16,  # an int, as transformers (the tokenizer loader) checks
         sliding_window=8,
         sliding_window_pattern=2,
         **_COMMON,
@@ -109,11 +109,20 @@ def make_tokenizer(path: Path):
     )
 
 
-def save_base(path: Path, family: str = "llama", seed: int = 0, **extra_config):
-    """Save a random base model as an mlx-lm directory with a tokenizer."""
-    from mlx_lm.utils import save_config, save_model
+def save_base(path: Path, family: str = "llama", seed: int = 0, dtype=None, bits=None, **extra_config):
+    """Save a random base model as an mlx-lm directory with a tokenizer.
+
+    Its weights are float32, or ``dtype`` ("float16", "bfloat16"), quantized
+    to ``bits`` (groups of 32) if given, as mlx-lm's converter writes them.
+    """
+    from mlx_lm.utils import quantize_model, save_config, save_model
 
     model, config = make_base(family, seed)
+    if dtype:
+        model.set_dtype(getattr(mx, dtype))
+        config["torch_dtype"] = dtype
+    if bits:
+        model, config = quantize_model(model, config, 32, bits)
     save_model(path, model)
     save_config({**config, **extra_config}, config_path=path / "config.json")
     make_tokenizer(path)
