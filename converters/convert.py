@@ -201,7 +201,8 @@ def _build(plan: Plan):
 
 
 def _write(plan: Plan, out: Path, overrides, quantize, q_bits, q_group_size, dtype) -> ConversionSummary:
-    cfg = validate_infini({**plan.infini, **overrides})
+    # A checkpoint with gates was trained with its memory; a plain model's memory never was.
+    cfg = validate_infini({"memory_trained": bool(plan.gates), **plan.infini, **overrides})
     if overrides:
         plan.notes.append("overridden by the caller: " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
     config = dict(plan.config)
