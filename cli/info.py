@@ -43,10 +43,15 @@ def model_info(path: Path) -> Dict[str, Any]:
     if tok_cfg.exists():
         chat = chat or bool(json.loads(tok_cfg.read_text()).get("chat_template"))
     infini = cfg.get("infini")
-    seg = InfiniConfig.from_dict(infini).segment_len
+    icfg = InfiniConfig.from_dict(infini)
+    seg = icfg.segment_len
     memory = segment = None
     if layers and kv_heads and head_dim:
-        memory = layers * kv_heads * head_dim * (head_dim + 1) * 4  # M and z, float32
+        # M (and z for the paper's memory), float32; the convolution's last inputs.
+        z = 1 if icfg.memory == "paper" else 0
+        memory = layers * kv_heads * head_dim * (head_dim + z) * 4
+        if icfg.conv_size:
+            memory += layers * (icfg.conv_size - 1) * (heads + 2 * kv_heads) * head_dim * 4
         # The current segment: its keys and values, and its pending dM, dz.
         # Activations are float32 unless the weights are half precision (cast to float32 on CPU).
         width = 2 if dtypes & {"F16", "BF16"} and mx.default_device() != mx.cpu else 4
