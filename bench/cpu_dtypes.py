@@ -15,18 +15,11 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-MODEL = dict(
-    model_type="llama",
-    hidden_size=512,
-    num_hidden_layers=6,
-    intermediate_size=1536,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    rms_norm_eps=1e-5,
-    vocab_size=8192,
-    tie_word_embeddings=True,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prefill import MODEL  # noqa: E402  the same 24.6M-parameter bench model
+
 # name: (dtype of the floating weights, quantization bits or None)
 VARIANTS = {
     "float32": ("float32", None),
