@@ -85,10 +85,13 @@ def state_info(path: Path) -> Dict[str, Any]:
     """What was read into a state file, by which model, and how big its memory is."""
     arrays, meta = read_state(path)
     infini = json.loads(meta.get("infini", "{}"))
+    notes = meta.get("strategy") == "notes"
     return {
         "kind": "state",
         "path": str(path),
-        "tokens_read": int(meta.get("tokens_read", 0)),
+        "strategy": meta.get("strategy", "memory"),
+        "tokens_read": int(meta.get("notes_tokens" if notes else "tokens_read", 0)),
+        "notes": len(json.loads(meta.get("notes", "[]"))) if notes else None,
         "complete": meta.get("complete", "1") == "1",
         "source": meta.get("source"),
         "source_bytes": int(meta["source_size"]) if "source_size" in meta else None,
@@ -128,14 +131,17 @@ def format_info(d: Dict[str, Any]) -> str:
     """The human-readable lines of ``model_info`` or ``state_info``."""
     if d["kind"] == "state":
         what = f"all of {d['source']}" if d["complete"] else (
-            f"part of {d['source']} (interrupted; finish it with `infini read --resume`)")
+            f"part of {d['source']} (interrupted; finish it with --resume)")
+        notes = d.get("notes") is not None
         rows = [
             ("state", d["path"]),
-            ("read", f"{d['tokens_read']:,} tokens: {what}"),
+            ("read", f"{d['tokens_read']:,} tokens: {what}"
+                     + (f", kept in {d['notes']} notes" if notes else "")),
             ("model", d["model"] or "the embedded default model"),
             ("fingerprint", d["model_fingerprint"]),
             ("prompts", d["prompt_format"]),
-            ("memory", f"{_mb(d['memory_bytes'])} compressive memory in {d['layers']} layers, "
+            ("memory", f"none: notes (file {_mb(d['file_bytes'])})" if notes else
+                       f"{_mb(d['memory_bytes'])} compressive memory in {d['layers']} layers, "
                        f"{_mb(d['state_bytes'] - d['memory_bytes'])} of the current segment "
                        f"(file {_mb(d['file_bytes'])})"),
             ("infini", " ".join(f"{k}={v}" for k, v in d["infini"].items() if k != "version")),

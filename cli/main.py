@@ -9,6 +9,7 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
+from enum import Enum
 from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,7 +17,14 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
-from infini_mlx import InfiniSession, InputError, ModelNotFoundError, StateFileError, openblas
+from infini_mlx import (
+    InfiniSession,
+    InputError,
+    ModelNotFoundError,
+    StateFileError,
+    UntrainedMemoryWarning,
+    openblas,
+)
 from infini_mlx.reading import check_text_file, fingerprint
 from infini_mlx.utils import resolve_model_path
 
@@ -196,6 +204,30 @@ Source = Annotated[
 STDIN = "<stdin>"
 
 
+class Strategy(str, Enum):
+    memory = "memory"
+    notes = "notes"
+
+
+StrategyOpt = Annotated[
+    Optional[Strategy],
+    typer.Option(
+        "--strategy",
+        help="Keep what is read in the model's memory, or in notes the model writes "
+        "every window (for a model whose memory was never trained).",
+        show_default=False,
+    ),
+]
+Output = Annotated[
+    Optional[Path],
+    typer.Option("--output", "-o", help="The state file to write.", show_default=False),
+]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue an interrupted reading from its last checkpoint.")
+]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite the state file if it exists.")]
+
+
 @contextmanager
 def _input(path: Path):
     """``path``, or for ``-`` standard input spooled to a temporary file (read in pieces,
@@ -222,25 +254,103 @@ def _is_state(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < 1 << 32
 
 
-def _session(source: Path, model, segment_len, name=None):
+def _load(model, segment_len, strategy: Optional[str], auto: bool):
+    """A new session and its strategy: ``strategy``, or with ``auto`` notes for a
+    model whose memory was never trained (then its warning is not shown), else memory."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        session = InfiniSession.load(model, segment_len)
+    trained = session.model.infini_config.memory_trained
+    strategy = strategy or ("notes" if auto and not trained else "memory")
+    for w in seen:
+        if strategy == "memory" or not issubclass(w.category, UntrainedMemoryWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return session, strategy
+
+
+def _check_output(file: Path, output: Optional[Path], resume: bool, force: bool, stdin: bool):
+    if resume and force:
+        raise InputError("--resume and --force exclude each other: continue, or start over")
+    if output is None:
+        if resume or force:
+            raise InputError("--resume and --force need the state file: -o STATE")
+        return
+    if output.is_dir():
+        raise InputError(f"{output} is a directory; name the state file to write")
+    if not output.parent.is_dir():
+        raise InputError(f"{output.parent}: no such directory for the state file")
+    if output.exists() and not stdin and output.resolve() == file.resolve():
+        raise InputError(f"{output} is the input file; name another state file")
+    if output.exists() and not (resume or force):
+        raise InputError(f"{output} exists; --resume continues it, --force overwrites it")
+
+
+def _reading(file, name, output, resume, force, checkpoint_every, model, segment_len, strategy,
+             auto=False):
+    """Read ``file`` (continuing ``output`` with --resume), checkpointing to ``output``.
+
+    Returns the session, the tokens read now, the seconds it took, and where it resumed.
+    """
+    shown = name or str(file)
+    if resume and output.exists():
+        session = InfiniSession.restore(output, model, segment_len)
+        if session.meta.get("source_sha") != fingerprint(file):
+            raise InputError(
+                f"{output} is a reading of {session.meta.get('source')}, not of {shown}; "
+                "--force starts over"
+            )
+        if strategy and strategy != session.strategy:
+            raise InputError(f"{output} holds a reading into {session.strategy}, not {strategy}; "
+                             "--force starts over")
+        strategy = session.strategy
+    else:
+        session, strategy = _load(model, segment_len, strategy, auto)
+    start_tokens = session.tokens_read
+    if session.complete and start_tokens:
+        return session, 0, 0.0, start_tokens
+    bar = ReadProgress(name or file.name)
+    take = session.take_notes if strategy == "notes" else session.read
+    every = 1 if strategy == "notes" else checkpoint_every  # a note takes seconds; its state is tiny
+    tic = time.perf_counter()
+    try:
+        fed = take(file, progress=bar, checkpoint=output, checkpoint_every=every, name=name,
+                   overwrite=force)
+    except KeyboardInterrupt:
+        bar.close()
+        if output is not None and session.checkpointed:
+            typer.echo(
+                f"interrupted: {output} holds the last checkpoint "
+                f"({session.checkpointed:,} tokens); continue with --resume",
+                err=True,
+            )
+        elif output is not None:
+            typer.echo("interrupted before the first checkpoint: nothing was saved", err=True)
+        else:
+            typer.echo("interrupted", err=True)
+        raise typer.Exit(130)
+    finally:
+        bar.close()
+    return session, fed, time.perf_counter() - tic, start_tokens
+
+
+def _session(source: Path, model, segment_len, name=None, strategy=None, auto=False,
+             output=None, resume=False, force=False):
     """A session that has read ``source``: restored from a state file, or read now."""
     if source.is_file() and _is_state(source):
+        if output is not None:
+            raise InputError(f"{source} is a state file already: -o saves a reading of a text file")
         session = InfiniSession.restore(source, model, segment_len)
+        if strategy and strategy != session.strategy:
+            raise InputError(f"{source} holds a reading into {session.strategy}, not {strategy}")
         if not session.complete:
             typer.echo(
                 f"warning: {source} holds an interrupted reading "
-                f"({session.tokens_read:,} tokens); finish it with `infini read --resume`",
+                f"({session.tokens_read:,} tokens); finish it with --resume",
                 err=True,
             )
         return session
     check_text_file(source)  # before the model loads
-    session = InfiniSession.load(model, segment_len)
-    bar = ReadProgress(name or source.name)
-    try:
-        session.read(source, progress=bar, name=name)
-    finally:
-        bar.close()
-    return session
+    return _reading(source, name, output, resume, force, 16, model, segment_len, strategy, auto)[0]
 
 
 def _answer(session, stream, json_out: bool, key: str, extra: dict):
@@ -262,7 +372,13 @@ def _answer(session, stream, json_out: bool, key: str, extra: dict):
                 f"Peak memory: {r.peak_memory:.3f} GB",
                 err=True,
             )
-        if not session.model.infini_config.memory_trained:
+        if session.strategy == "notes":
+            typer.echo(
+                f"Notes: written from {len(session.notes)} notes on all "
+                f"{session.tokens_read:,} tokens read",
+                err=True,
+            )
+        elif not session.model.infini_config.memory_trained:
             typer.echo(
                 f"Memory: never trained, so the answer saw only the last segment: "
                 f"{session.tokens_seen:,} of the {session.tokens_read:,} tokens read",
@@ -276,6 +392,7 @@ def _answer(session, stream, json_out: bool, key: str, extra: dict):
         "complete": session.complete,
         "tokens_read": session.tokens_read,
         "memory_trained": bool(session.model.infini_config.memory_trained),
+        "strategy": session.strategy,
         "tokens_seen": session.tokens_seen,
         "prompt_tokens": r.prompt_tokens if r else 0,
         "generation_tokens": r.generation_tokens if r else 0,
@@ -294,13 +411,12 @@ def read(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="The state file to write.", show_default=False)
     ],
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue an interrupted reading from its last checkpoint.")
-    ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite the state file if it exists.")] = False,
+    resume: Resume = False,
+    force: Force = False,
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", min=1, help="Segments between checkpoints.")
     ] = 16,
+    strategy: StrategyOpt = None,
     model: Model = None,
     segment_len: SegmentLen = None,
     json_out: Json = False,
@@ -311,65 +427,24 @@ def read(
     size. The state is saved every few segments (an atomic write); after an
     interruption, the same command with --resume continues from the last
     checkpoint and ends with the state an uninterrupted reading would have.
+    With --strategy notes the model writes a note every window instead (a
+    checkpoint after each), for `infini summarize STATE`.
     """
-    if resume and force:
-        raise InputError("--resume and --force exclude each other: continue, or start over")
     stdin = str(file) == "-"
     if not stdin:
         check_text_file(file)
-    if output.is_dir():
-        raise InputError(f"{output} is a directory; name the state file to write")
-    if not output.parent.is_dir():
-        raise InputError(f"{output.parent}: no such directory for the state file")
-    if output.exists() and not stdin and output.resolve() == file.resolve():
-        raise InputError(f"{output} is the input file; name another state file")
-    if output.exists() and not (resume or force):
-        raise InputError(f"{output} exists; --resume continues it, --force overwrites it")
+    _check_output(file, output, resume, force, stdin)
+    strategy = strategy.value if strategy else None
     with _input(file) as (path, name):
-        _read(path, name, output, resume, force, checkpoint_every, model, segment_len, json_out)
-
-
-def _read(file, name, output, resume, force, checkpoint_every, model, segment_len, json_out):
-    shown = name or str(file)
-    if resume and output.exists():
-        session = InfiniSession.restore(output, model, segment_len)
-        if session.meta.get("source_sha") != fingerprint(file):
-            raise InputError(
-                f"{output} is a reading of {session.meta.get('source')}, not of {shown}; "
-                "--force starts over"
-            )
-    else:
-        session = InfiniSession.load(model, segment_len)
-    start_tokens = session.tokens_read
-    if session.complete and start_tokens:
-        fed, seconds = 0, 0.0
-    else:
-        bar = ReadProgress(name or file.name)
-        tic = time.perf_counter()
-        try:
-            fed = session.read(
-                file, progress=bar, checkpoint=output, checkpoint_every=checkpoint_every, name=name,
-                overwrite=force,
-            )
-        except KeyboardInterrupt:
-            bar.close()
-            if session.checkpointed:
-                typer.echo(
-                    f"interrupted: {output} holds the last checkpoint "
-                    f"({session.checkpointed:,} tokens); continue with --resume",
-                    err=True,
-                )
-            else:
-                typer.echo("interrupted before the first checkpoint: nothing was saved", err=True)
-            raise typer.Exit(130)
-        finally:
-            bar.close()
-        seconds = time.perf_counter() - tic
-
+        session, fed, seconds, start_tokens = _reading(
+            path, name, output, resume, force, checkpoint_every, model, segment_len, strategy
+        )
+    shown = name or str(path)
     if json_out:
         typer.echo(json.dumps({
             "state": str(output),
             "source": shown,
+            "strategy": session.strategy,
             "tokens_read": session.tokens_read,
             "tokens_this_run": fed,
             "resumed_at": start_tokens,
@@ -381,8 +456,9 @@ def _read(file, name, output, resume, force, checkpoint_every, model, segment_le
         typer.echo(f"{output} already holds all of {shown} ({session.tokens_read:,} tokens)")
     else:
         resumed = f", resumed at {start_tokens:,}" if start_tokens else ""
+        into = f" in {len(session.notes)} notes" if session.strategy == "notes" else ""
         typer.echo(
-            f"read {session.tokens_read:,} tokens of {shown} into {output}{resumed} "
+            f"read {session.tokens_read:,} tokens of {shown}{into} into {output}{resumed} "
             f"({seconds:.1f} s, {fed / seconds:,.0f} tokens/s, "
             f"{rss_bytes() / 2**20:,.0f} MiB in use)"
         )
@@ -438,19 +514,36 @@ def summarize(
     min_p: MinP = 0.0,
     top_k: TopK = 0,
     seed: Seed = None,
+    strategy: Annotated[
+        Optional[Strategy],
+        typer.Option(
+            "--strategy",
+            help="memory: summarize from the model's memory; notes: the model writes a note "
+            "every window, merges them as they pile up, and summarizes the notes (works with "
+            "any instruct model). Default: memory if the model's memory was trained, else notes.",
+            show_default=False,
+        ),
+    ] = None,
+    output: Output = None,
+    resume: Resume = False,
+    force: Force = False,
     model: Model = None,
     segment_len: SegmentLen = None,
     json_out: Json = False,
 ):
     """Summarize a book.
 
-    From a text file the book is read first; from a state file written by
-    `infini read` the summary starts at once. It streams to stdout. (The paper
-    summarized books with --temp 0.5 --top-p 0.95.) Its quality depends
-    entirely on the model.
+    From a text file the book is read first (-o keeps the reading in a state
+    file, checkpointed as it goes; --resume continues an interrupted one); from
+    a state file written by `infini read` or `infini summarize -o` the summary
+    starts at once. It streams to stdout. (The paper summarized books with
+    --temp 0.5 --top-p 0.95.) Its quality depends entirely on the model.
     """
+    _check_output(source, output, resume, force, str(source) == "-")
+    strategy = strategy.value if strategy else None
     with _input(source) as (path, name):
-        session = _session(path, model, segment_len, name)
+        session = _session(path, model, segment_len, name, strategy, auto=True,
+                           output=output, resume=resume, force=force)
     stream = session.stream_summarize(
         max_tokens=max_tokens, temp=temp, top_p=top_p, min_p=min_p, top_k=top_k, seed=seed
     )

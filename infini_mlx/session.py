@@ -8,8 +8,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm import stream_generate
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from . import notes as N
 from . import reading
 from .cache import InfiniCache
 from .reading import InputError, check_text_file, fingerprint
@@ -22,7 +23,9 @@ from .utils import ModelNotFoundError, load
 _MARK = "\u2063INFINI_TEXT\u2063"
 # The metadata a session keeps in its state files besides the core's own.
 _KEYS = ("model", "prompt_format", "source", "source_size", "source_sha",
-         "source_chunk", "source_pos", "source_skip", "head", "complete")
+         "source_chunk", "source_pos", "source_skip", "head", "complete",
+         "strategy", "notes", "notes_tokens")
+STRATEGIES = ("memory", "notes")
 
 Progress = Callable[[int, int, int], None]
 
@@ -50,6 +53,16 @@ def _as_path(source: Union[str, Path]) -> Optional[Path]:
         return None
 
 
+def _notes(path, meta) -> List[N.Note]:
+    try:
+        notes = json.loads(meta.get("notes", "[]"))
+        assert all(isinstance(lvl, int) and isinstance(t, str) for lvl, t in notes)
+        int(meta.get("notes_tokens", "0"))
+    except Exception:
+        raise StateFileError(f"{path}: the state's notes are unreadable (corrupt)") from None
+    return [(lvl, t) for lvl, t in notes]
+
+
 class InfiniSession:
     """A model and what it has read, kept in a memory of fixed size.
 
@@ -75,6 +88,7 @@ class InfiniSession:
         self.response = None  # the last mlx-lm GenerationResponse
         self.checkpointed = 0  # tokens in the last checkpoint written
         self.path: Optional[Path] = None  # the state file last restored or saved
+        self.notes: List[N.Note] = []  # with the notes strategy: what was read, in notes
         self._fingerprint = None
 
     @classmethod
@@ -141,6 +155,7 @@ class InfiniSession:
             ) from None
         session.cache, saved = load_state(path, session.model, session.fingerprint)
         session.meta.update({k: saved[k] for k in _KEYS if k in saved})
+        session.notes = _notes(path, session.meta)
         session.checkpointed = session.tokens_read
         session.path = Path(path).resolve()
         session._warn_if_untrained(model)  # only once the state is known to fit
@@ -153,15 +168,22 @@ class InfiniSession:
         return self._fingerprint
 
     @property
+    def strategy(self) -> str:
+        """How what was read is kept: ``"memory"`` (the model's memory) or ``"notes"``."""
+        return self.meta.get("strategy", "memory")
+
+    @property
     def tokens_read(self) -> int:
-        """Tokens the memory holds."""
+        """Tokens the memory holds (or the notes cover)."""
+        if self.strategy == "notes":
+            return int(self.meta.get("notes_tokens", "0"))
         return self.cache[0].offset
 
     @property
     def tokens_seen(self) -> int:
         """Tokens read that an answer can see: all of them, or with a memory
         that was never trained only those of the last, unfinished segment."""
-        if self.model.infini_config.memory_trained:
+        if self.model.infini_config.memory_trained or self.strategy == "notes":
             return self.tokens_read
         return self.cache[0].segment_pos
 
@@ -185,6 +207,30 @@ class InfiniSession:
         text = self._template()[0] if self.meta["prompt_format"] == "chat" else ""
         bos = self.tokenizer.bos_token
         return self.tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
+
+    def _start(self, source, checkpoint, overwrite, name, head=True):
+        """Check a reading's source and record it; where it starts (a resumed one
+        where it stopped): ``(path, size, start, skip, head, chunk, meta before)``."""
+        if checkpoint is not None and not overwrite:
+            self._check_new(checkpoint)
+        path = _as_path(source)
+        if path is not None:
+            size, sha, name = check_text_file(path), fingerprint(path), name or str(path.resolve())
+        else:
+            if not source.strip():
+                raise InputError("the text is empty: there is nothing to read")
+            size, sha, name = len(source.encode("utf-8")), "", name or "<text>"
+        m, before = self.meta, dict(self.meta)
+        if m.get("complete") == "0" and m.get("source_sha") == sha and sha:
+            start, skip = int(m["source_pos"]), int(m["source_skip"])
+            ids, chunk = json.loads(m["head"]), int(m["source_chunk"])
+        else:
+            start, skip, chunk = 0, 0, reading.CHUNK
+            ids = self._head() if head and self.tokens_read == 0 else []
+        m.update(source=name, source_size=str(size), source_sha=sha, head=json.dumps(ids))
+        m.update(source_chunk=str(chunk))
+        m.update(complete="0", source_pos=str(start), source_skip=str(skip))
+        return path, size, start, skip, ids, chunk, before
 
     def read(
         self,
@@ -219,26 +265,10 @@ class InfiniSession:
             InputError: Missing file, directory, empty or binary file.
             FileExistsError: ``checkpoint`` exists and may not be replaced.
         """
-        if checkpoint is not None and not overwrite:
-            self._check_new(checkpoint)
-        path = _as_path(source)
-        if path is not None:
-            size, sha, name = check_text_file(path), fingerprint(path), name or str(path.resolve())
-        else:
-            if not source.strip():
-                raise InputError("the text is empty: there is nothing to read")
-            size, sha, name = len(source.encode("utf-8")), "", name or "<text>"
-        m, before = self.meta, dict(self.meta)
-        if m.get("complete") == "0" and m.get("source_sha") == sha and sha:
-            start, skip = int(m["source_pos"]), int(m["source_skip"])
-            head, chunk = json.loads(m["head"]), int(m["source_chunk"])
-        else:
-            start, skip, chunk = 0, 0, reading.CHUNK
-            head = self._head() if self.tokens_read == 0 else []
-        m.update(source=name, source_size=str(size), source_sha=sha, head=json.dumps(head))
-        m.update(source_chunk=str(chunk))
-        m.update(complete="0", source_pos=str(start), source_skip=str(skip))
-
+        if self.strategy != "memory" and self.tokens_read:
+            raise ValueError("this session holds notes, not a memory reading: take_notes continues it")
+        path, size, start, skip, head, chunk, before = self._start(source, checkpoint, overwrite, name)
+        m = self.meta
         at = [start, skip, 1]  # where the tokens handed to the model so far end; piece's tokens
         seg = self.cache[0].segment_len
         base = last = self.cache[0].offset // seg
@@ -279,6 +309,106 @@ class InfiniSession:
             progress(self.tokens_read, size, size)
         return fed
 
+    @property
+    def note_window(self) -> int:
+        """Tokens of text per note: a window, its prompt and its note fit one segment."""
+        return max(16, min(1536, self.cache[0].segment_len - N.NOTE_TOKENS - 128))
+
+    def take_notes(
+        self,
+        source: Union[str, Path],
+        progress: Optional[Progress] = None,
+        checkpoint: Optional[Union[str, Path]] = None,
+        checkpoint_every: int = 1,
+        name: Optional[str] = None,
+        overwrite: bool = False,
+    ) -> int:
+        """Read a text file, or a text, into notes; return the tokens read.
+
+        The summary strategy for a model whose memory was never trained: after
+        each window of ``note_window`` tokens the model writes a short note on
+        it, with a fresh cache (so exactly as the base model would); notes are
+        merged when they outgrow half a segment (see ``infini_mlx.notes``), so
+        memory stays flat in the text's length. ``summarize`` and ``ask`` then answer from the
+        notes. Arguments as for ``read``; checkpoints come every
+        ``checkpoint_every`` windows, and an interrupted reading continues
+        where it stopped.
+        """
+        if self.strategy != "notes" and self.tokens_read:
+            raise ValueError("this session holds a memory reading: notes need a new session")
+        path, size, start, skip, _, chunk, before = self._start(
+            source, checkpoint, overwrite, name, head=False
+        )
+        m = self.meta
+        m["strategy"] = "notes"
+        first, n, buf, windows, piece = self.tokens_read, self.note_window, [], 0, 1
+        seg = self.cache[0].segment_len
+
+        def note(off, pos):
+            nonlocal buf, windows
+            self._phase(progress, f"note {len(self.notes) + 1}")
+            text = self.tokenizer.decode(buf)
+            self.notes = N.add(self.notes, self._write(N.NOTE, text), seg // 2, self._count, self._merge)
+            m.update(
+                notes=json.dumps(self.notes), notes_tokens=str(self.tokens_read + len(buf)),
+                source_pos=str(off), source_skip=str(pos),
+            )
+            buf, windows = [], windows + 1
+            if checkpoint is not None and windows % checkpoint_every == 0:
+                self.save(checkpoint, overwrite=True)
+            if progress:  # into the piece too
+                progress(self.tokens_read, off + min(chunk, size - off) * pos // piece, size)
+
+        for off, ids in reading.pieces(self.tokenizer, path or source, start, (), chunk):
+            piece = max(len(ids), 1)
+            for i in range(skip if off == start else 0, len(ids)):
+                buf.append(ids[i])
+                if len(buf) == n:
+                    note(off, i + 1)
+        if buf:
+            note(size, 0)
+        fed = self.tokens_read - first
+        if fed == 0 and start == 0 and skip == 0:
+            self.meta = before
+            raise InputError(f"{path or 'the text'} holds no text to read")
+        m.update(complete="1", source_pos=str(size), source_skip="0")
+        if checkpoint is not None:
+            self.save(checkpoint, overwrite=True)
+        if progress:
+            progress(self.tokens_read, size, size)
+        return fed
+
+    @staticmethod
+    def _phase(progress, text: str):
+        if hasattr(progress, "phase"):
+            progress.phase(text)
+
+    def _count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _merge(self, text: str) -> str:
+        return self._write(N.MERGE, text)
+
+    def _write(self, instruction: str, text: str, max_tokens: int = N.NOTE_TOKENS) -> str:
+        """What the model writes, greedily, from ``text`` alone and an instruction."""
+        return "".join(self._stream_write(instruction, text, max_tokens=max_tokens))
+
+    def _stream_write(
+        self, instruction: str, text: str, max_tokens: int = N.NOTE_TOKENS, **kwargs
+    ) -> Iterator[str]:
+        # A fresh cache: the prompt is the text and the instruction, nothing else.
+        if self.meta["prompt_format"] == "chat":
+            head, tail = self._template()
+            prompt = f"{head}{text}\n\n{instruction}{tail}"
+        else:
+            prompt = f"{text}\n\n{N.PLAIN.get(instruction, instruction)}"
+        ids = self.tokenizer.encode(prompt, add_special_tokens=not prompt.startswith(
+            self.tokenizer.bos_token or "\0"))
+        procs = make_logits_processors(
+            repetition_penalty=N.REPETITION_PENALTY, repetition_context_size=N.REPETITION_CONTEXT
+        )
+        yield from self._stream(ids, self.model.make_cache(), max_tokens, procs, **kwargs)
+
     def _check_new(self, path: Union[str, Path]):
         if Path(path).exists() and Path(path).resolve() != self.path:
             raise FileExistsError(f"{path} exists; overwrite=True replaces it")
@@ -306,16 +436,7 @@ class InfiniSession:
             out.append(f)
         return out
 
-    def _generate(
-        self,
-        instruction: str,
-        max_tokens: int = 256,
-        temp: float = 0.0,
-        top_p: float = 1.0,
-        min_p: float = 0.0,
-        top_k: int = 0,
-        seed: Optional[int] = None,
-    ) -> Iterator[str]:
+    def _generate(self, instruction: str, max_tokens: int = 256, **kwargs) -> Iterator[str]:
         if self.tokens_read == 0:
             raise ValueError("nothing has been read yet: read a text first")
         if self.meta["prompt_format"] == "chat":
@@ -323,13 +444,27 @@ class InfiniSession:
         else:
             suffix = f"\n\n{instruction}"
         prompt = self.tokenizer.encode(suffix, add_special_tokens=False)
+        yield from self._stream(prompt, self._fork(), max_tokens, None, **kwargs)
+
+    def _stream(
+        self,
+        prompt: List[int],
+        cache: List[InfiniCache],
+        max_tokens: int,
+        logits_processors=None,
+        temp: float = 0.0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        top_k: int = 0,
+        seed: Optional[int] = None,
+    ) -> Iterator[str]:
         if seed is not None:
             mx.random.seed(seed)
         sampler = make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
         started = False
         for r in stream_generate(
             self.model, self.tokenizer, prompt, max_tokens,
-            sampler=sampler, prompt_cache=self._fork(),
+            sampler=sampler, logits_processors=logits_processors, prompt_cache=cache,
         ):
             self.response = r
             # The answer starts at its first word, not at the line break after "Answer:".
@@ -337,6 +472,15 @@ class InfiniSession:
             if text:
                 started = True
                 yield text
+
+    def _from_notes(self, instruction: str, max_tokens: int = 256, **kwargs) -> Iterator[str]:
+        if not self.notes:
+            raise ValueError("nothing has been read yet: read a text first")
+        # The notes, the instruction and the answer fit one segment.
+        budget = max(64, self.cache[0].segment_len - max_tokens - 128)
+        self.notes = N.fit(self.notes, budget, self._count, self._merge)
+        self.meta["notes"] = json.dumps(self.notes)
+        yield from self._stream_write(instruction, N.join(self.notes), max_tokens, **kwargs)
 
     def stream_ask(self, question: str, **kwargs) -> Iterator[str]:
         """Answer a question about what was read, yielding text as it is generated.
@@ -349,10 +493,20 @@ class InfiniSession:
                 ``temp`` (0.0: greedy), ``top_p``, ``min_p``, ``top_k``, ``seed``.
         """
         plain = self.meta["prompt_format"] != "chat"
+        if self.strategy == "notes":
+            ask = plain_question(question) if plain else N.ANSWER.format(question=question)
+            yield from self._from_notes(ask, **kwargs)
+            return
         yield from self._generate(plain_question(question) if plain else question, **kwargs)
 
     def stream_summarize(self, **kwargs) -> Iterator[str]:
-        """Summarize what was read, yielding text as it is generated (see ``stream_ask``)."""
+        """Summarize what was read, yielding text as it is generated (see ``stream_ask``).
+
+        After ``take_notes`` the summary is written from the notes.
+        """
+        if self.strategy == "notes":
+            yield from self._from_notes(N.SUMMARY, **kwargs)
+            return
         plain = self.meta["prompt_format"] != "chat"
         yield from self._generate("Summary:" if plain else "Summarize the text above.", **kwargs)
 
