@@ -158,7 +158,8 @@ class InfiniSession:
         session.notes = _notes(path, session.meta)
         session.checkpointed = session.tokens_read
         session.path = Path(path).resolve()
-        session._warn_if_untrained(model)  # only once the state is known to fit
+        if session.strategy == "memory":  # notes see everything read
+            session._warn_if_untrained(model)  # only once the state is known to fit
         return session
 
     @property

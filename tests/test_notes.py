@@ -128,7 +128,7 @@ def test_summarize_takes_notes_by_default_when_the_memory_is_untrained(untrained
     assert "never trained" not in r.stderr
     # The state answers at once, from the same notes.
     r2 = cli("summarize", tmp_path / "n.state", "-m", 4, "--json")
-    assert json.loads(r2.stdout)["summary"] == out["summary"]
+    assert json.loads(r2.stdout)["summary"] == out["summary"] and "never trained" not in r2.stderr
     r3 = cli("summarize", tmp_path / "n.state", "--strategy", "memory")
     assert r3.exit_code == 1 and "holds a reading into notes" in r3.stderr
     # A trained memory keeps the memory path; --strategy overrides either way.
