@@ -78,7 +78,7 @@ class ReadProgress:
     def __init__(self, name: str, stream=None, enabled=None):
         stream = stream or sys.stderr
         self.enabled = stream.isatty() if enabled is None else enabled
-        self.name = name
+        self.name = self.description = name
         self.console = Console(file=stream, force_terminal=self.enabled or None)
         self.bar = None
 
@@ -92,7 +92,7 @@ class ReadProgress:
                 *_columns(self.console.width), console=self.console,
                 auto_refresh=False, redirect_stdout=False,
             )
-            self.task = self.bar.add_task(self.name, total=max(total, 1), tokens=tokens, rate=0.0,
+            self.task = self.bar.add_task(self.description, total=max(total, 1), tokens=tokens, rate=0.0,
                                           mib=rss_bytes() / 2**20, completed=done)
             self.bar.start()
             return
@@ -104,6 +104,12 @@ class ReadProgress:
         self.bar.update(
             self.task, completed=done, tokens=tokens, rate=rate, mib=rss_bytes() / 2**20, refresh=True
         )
+
+    def phase(self, text: str):
+        """Show what is going on besides reading, e.g. which note is being written."""
+        self.description = f"{self.name}: {text}"
+        if self.enabled and self.bar is not None:
+            self.bar.update(self.task, description=self.description, refresh=True)
 
     def close(self):
         if self.bar is not None:

@@ -248,6 +248,17 @@ def test_progress_bar_fits_the_terminal(width, monkeypatch):
     assert " 40% " in middle and "100%" in frames[-1]
     if width >= 120:
         assert middle.startswith("a_book_with_a_long_name") and "━" in middle
+    out = io.StringIO()  # a phase shows beside the name
+    bar = ReadProgress("book.txt", stream=out, enabled=True)
+    bar.phase("note 1")
+    bar(0, 0, 1000)
+    time.sleep(0.11)
+    bar.phase("note 2")
+    bar(1536, 500, 1000)
+    bar.close()
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    if width >= 120:  # narrower terminals drop the name first
+        assert "book.txt: note 1" in shown and "book.txt: note 2" in shown
     quiet = io.StringIO()  # not a terminal
     bar = ReadProgress("book.txt", stream=quiet)
     bar(100, 100, 100)
