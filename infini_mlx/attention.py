@@ -5,6 +5,7 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import fast
 from .cache import InfiniCache
 from .config import InfiniConfig
 from .conv import ShortConv
@@ -116,21 +117,23 @@ class InfiniAttention(nn.Module):
             mask = (qi >= ki) & (qi < ki + self.window)
         elif qL > 1:
             mask = "causal"
-        if self.softcap is None:
+        if self.softcap is None and not fast.on_cpu(q):
             return mx.fast.scaled_dot_product_attention(
                 q, k, v, scale=self.scale, mask=mask
             )
-        # Gemma 2: logits soft-capped before the softmax.
+        # Gemma 2's logits are soft-capped before the softmax; on CPU, the softmax's
+        # exp is fast.exp (MLX's own is most of the time of local attention there).
         B, H, _, D = q.shape
         Hkv = k.shape[1]
         q = (q * self.scale).reshape(B, Hkv, H // Hkv, qL, D)
         s = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)
-        s = mx.tanh(s / self.softcap) * self.softcap
+        if self.softcap is not None:
+            s = mx.tanh(s / self.softcap) * self.softcap
         if mask is not None:
             if isinstance(mask, str):
                 mask = mx.arange(kL - qL, kL)[:, None] >= mx.arange(kL)[None]
             s = mx.where(mask, s, mx.finfo(s.dtype).min)
-        p = mx.softmax(s.astype(mx.float32), axis=-1).astype(v.dtype)
+        p = fast.softmax(s.astype(mx.float32)).astype(v.dtype)
         return (p @ mx.expand_dims(v, 2)).reshape(B, H, qL, -1)
 
     def _memory_inputs(self, x, q, k, v, cache: InfiniCache):
@@ -147,8 +150,8 @@ class InfiniAttention(nn.Module):
             q, k, v = outs
         beta = None
         if self.config.memory == "normalized":
-            q, k = l2_normalize(nn.silu(q)), l2_normalize(nn.silu(k))
-            beta = mx.sigmoid(self.b_proj(x).astype(mx.float32)).transpose(0, 2, 1)
+            q, k = l2_normalize(fast.silu(q)), l2_normalize(fast.silu(k))
+            beta = fast.sigmoid(self.b_proj(x).astype(mx.float32)).transpose(0, 2, 1)
         return q, k, v, beta
 
     def _read_write(self, qm, km, vm, beta, cache: InfiniCache):

@@ -6,13 +6,15 @@ queries arrive as (..., L, Dk) and values as (..., L, Dv).
 
 import mlx.core as mx
 
+from . import fast
+
 
 def sigma(x: mx.array, feature_map: str = "elu1") -> mx.array:
     """ELU(x) + 1 (or ReLU) in float32; exp sees only x <= 0 so no inf can leak into grads."""
     x = x.astype(mx.float32)
     if feature_map == "relu":
         return mx.maximum(x, 0)
-    return mx.where(x > 0, x + 1, mx.exp(mx.minimum(x, 0)))
+    return mx.where(x > 0, x + 1, fast.exp(mx.minimum(x, 0)))
 
 
 def group_heads(x: mx.array, n_kv_heads: int, mode: str) -> mx.array:
