@@ -1,5 +1,6 @@
 """InfiniAttention: causal attention inside a segment plus a compressive memory."""
 
+from functools import lru_cache
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -13,10 +14,10 @@ from .memory import (
     delta_rule,
     delta_rule_segments,
     group_heads,
-    l2_normalize,
     memory_delta,
     retrieve,
     sigma,
+    silu_l2,
     ungroup_heads,
 )
 
@@ -117,12 +118,13 @@ class InfiniAttention(nn.Module):
             mask = (qi >= ki) & (qi < ki + self.window)
         elif qL > 1:
             mask = "causal"
-        if self.softcap is None and not fast.on_cpu(q):
+        if self.softcap is None and (qL == 1 or not fast.on_cpu(q)):
             return mx.fast.scaled_dot_product_attention(
                 q, k, v, scale=self.scale, mask=mask
             )
         # Gemma 2's logits are soft-capped before the softmax; on CPU, the softmax's
-        # exp is fast.exp (MLX's own is most of the time of local attention there).
+        # exp is fast.exp (MLX's own is most of the time of local attention there;
+        # one decoded token has too few scores to matter).
         B, H, _, D = q.shape
         Hkv = k.shape[1]
         q = (q * self.scale).reshape(B, Hkv, H // Hkv, qL, D)
@@ -150,7 +152,7 @@ class InfiniAttention(nn.Module):
             q, k, v = outs
         beta = None
         if self.config.memory == "normalized":
-            q, k = l2_normalize(fast.silu(q)), l2_normalize(fast.silu(k))
+            q, k = silu_l2(q), silu_l2(k)
             beta = fast.sigmoid(self.b_proj(x).astype(mx.float32)).transpose(0, 2, 1)
         return q, k, v, beta
 
@@ -190,12 +192,7 @@ class InfiniAttention(nn.Module):
         return self._mix(mem, local)
 
     def _mix(self, mem, local):
-        cfg = self.config
-        g = GATE_ACTS[cfg.gate_act](self.gate.astype(mx.float32))[:, None, None]
-        if cfg.gate_weights == "local":
-            g = 1 - g
-        out = g * mem + (1 - g) * local.astype(mx.float32)
-        return out.astype(local.dtype)
+        return _mix(self.config.gate_act, self.config.gate_weights == "local")(self.gate, mem, local)
 
     def _segments(self, q, k, v, qm, km, vm, beta, cache: InfiniCache):
         """Whole segments from a segment's start: local attention and memory reads
@@ -268,6 +265,19 @@ class InfiniAttention(nn.Module):
             a = b
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+@lru_cache(maxsize=None)
+def _mix(act: str, flip: bool):
+    """Eq. 10 as one compiled kernel: a decoded token runs it in every layer."""
+
+    def mix(gate, mem, local):
+        g = GATE_ACTS[act](gate.astype(mx.float32))[:, None, None]
+        if flip:
+            g = 1 - g
+        return (g * mem + (1 - g) * local.astype(mx.float32)).astype(local.dtype)
+
+    return mx.compile(mix)
 
 
 def _dims(base: nn.Module, H: int, Hkv: int):

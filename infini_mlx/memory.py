@@ -78,6 +78,17 @@ def l2_normalize(x: mx.array, eps: float = 1e-6) -> mx.array:
     return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)
 
 
+@mx.compile
+def _silu_l2_cpu(x):
+    return l2_normalize(fast._silu(x))
+
+
+def silu_l2(x: mx.array) -> mx.array:
+    """L2norm(SiLU(x)) in float32: the normalised memory's queries and keys."""
+    x = x.astype(mx.float32)
+    return _silu_l2_cpu(x) if fast.on_cpu(x) else l2_normalize(fast.silu(x))
+
+
 def short_conv(x: mx.array, prev: mx.array, w: mx.array):
     """Causal depthwise convolution over time.
 
@@ -93,7 +104,10 @@ def short_conv(x: mx.array, prev: mx.array, w: mx.array):
     L = x.shape[1]
     xp = mx.concatenate([prev.astype(x.dtype), x], axis=1)
     w = w.astype(x.dtype)
-    y = sum(xp[:, i : i + L] * w[:, i] for i in range(W))
+    if L <= 16:  # decoding: one op; for long blocks MLX's grouped conv is slower than the taps
+        y = mx.conv1d(xp, w[:, :, None], groups=w.shape[0])
+    else:
+        y = sum(xp[:, i : i + L] * w[:, i] for i in range(W))
     return y, xp[:, xp.shape[1] - (W - 1) :]
 
 
