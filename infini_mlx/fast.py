@@ -17,6 +17,7 @@ LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4
 P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
 
 
+@mx.custom_function
 def _exp(x):
     c = mx.clip(x, -87.0, 88.0)
     n = mx.floor(c * LOG2E + 0.5)
@@ -27,6 +28,11 @@ def _exp(x):
     p = p * r * r + r + 1.0
     y = p * mx.view((n.astype(mx.int32) + 127) << 23, mx.float32)
     return mx.where(x < -87.0, 0.0, mx.where(x > 88.7, float("inf"), y))
+
+
+@_exp.vjp
+def _exp_vjp(primals, cotangent, output):
+    return cotangent * output  # MLX has no vjp for the bit view
 
 
 _cexp = mx.compile(_exp)
