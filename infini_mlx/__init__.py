@@ -1,6 +1,6 @@
 """infini-mlx: Infini-attention (arXiv 2404.07143) for MLX and mlx-lm."""
 
-from . import openblas  # noqa: F401  before MLX loads: on Linux, its BLAS
+from . import malloc, openblas  # noqa: F401  before MLX loads: on Linux, its BLAS; malloc keeps buffers
 from .attention import InfiniAttention
 from .cache import InfiniCache
 from .config import InfiniConfig

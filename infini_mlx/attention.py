@@ -1,20 +1,23 @@
 """InfiniAttention: causal attention inside a segment plus a compressive memory."""
 
+from functools import lru_cache
 from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import fast
 from .cache import InfiniCache
 from .config import InfiniConfig
 from .conv import ShortConv
 from .memory import (
     delta_rule,
+    delta_rule_segments,
     group_heads,
-    l2_normalize,
     memory_delta,
     retrieve,
     sigma,
+    silu_l2,
     ungroup_heads,
 )
 
@@ -115,21 +118,24 @@ class InfiniAttention(nn.Module):
             mask = (qi >= ki) & (qi < ki + self.window)
         elif qL > 1:
             mask = "causal"
-        if self.softcap is None:
+        if self.softcap is None and (qL == 1 or not fast.on_cpu(q)):
             return mx.fast.scaled_dot_product_attention(
                 q, k, v, scale=self.scale, mask=mask
             )
-        # Gemma 2: logits soft-capped before the softmax.
+        # Gemma 2's logits are soft-capped before the softmax; on CPU, the softmax's
+        # exp is fast.exp (MLX's own is most of the time of local attention there;
+        # one decoded token has too few scores to matter).
         B, H, _, D = q.shape
         Hkv = k.shape[1]
         q = (q * self.scale).reshape(B, Hkv, H // Hkv, qL, D)
         s = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)
-        s = mx.tanh(s / self.softcap) * self.softcap
+        if self.softcap is not None:
+            s = mx.tanh(s / self.softcap) * self.softcap
         if mask is not None:
             if isinstance(mask, str):
                 mask = mx.arange(kL - qL, kL)[:, None] >= mx.arange(kL)[None]
             s = mx.where(mask, s, mx.finfo(s.dtype).min)
-        p = mx.softmax(s.astype(mx.float32), axis=-1).astype(v.dtype)
+        p = fast.softmax(s.astype(mx.float32)).astype(v.dtype)
         return (p @ mx.expand_dims(v, 2)).reshape(B, H, qL, -1)
 
     def _memory_inputs(self, x, q, k, v, cache: InfiniCache):
@@ -146,8 +152,8 @@ class InfiniAttention(nn.Module):
             q, k, v = outs
         beta = None
         if self.config.memory == "normalized":
-            q, k = l2_normalize(nn.silu(q)), l2_normalize(nn.silu(k))
-            beta = mx.sigmoid(self.b_proj(x).astype(mx.float32)).transpose(0, 2, 1)
+            q, k = silu_l2(q), silu_l2(k)
+            beta = fast.sigmoid(self.b_proj(x).astype(mx.float32)).transpose(0, 2, 1)
         return q, k, v, beta
 
     def _read_write(self, qm, km, vm, beta, cache: InfiniCache):
@@ -183,11 +189,55 @@ class InfiniAttention(nn.Module):
         mem = self._read_write(qm, km, vm, beta, cache)
         cache.fold_if_full()
 
-        g = GATE_ACTS[cfg.gate_act](self.gate.astype(mx.float32))[:, None, None]
-        if cfg.gate_weights == "local":
-            g = 1 - g
-        out = g * mem + (1 - g) * local.astype(mx.float32)
-        return out.astype(local.dtype)
+        return self._mix(mem, local)
+
+    def _mix(self, mem, local):
+        return _mix(self.config.gate_act, self.config.gate_weights == "local")(self.gate, mem, local)
+
+    def _segments(self, q, k, v, qm, km, vm, beta, cache: InfiniCache):
+        """Whole segments from a segment's start: local attention and memory reads
+        run for all segments at once; only the memory's recurrence loops."""
+        cfg = self.config
+        B, H, L, _ = q.shape
+        n = L // cfg.segment_len
+        seg = lambda t: t.reshape(t.shape[0], t.shape[1], n, -1, t.shape[-1])
+        if cfg.rope_mode == "segment":
+            q_rot, k_rot = seg(self.rope(seg(q))), seg(self.rope(seg(k)))
+        else:
+            q_rot, k_rot = seg(self.rope(q, offset=cache.offset)), seg(self.rope(k, offset=cache.offset))
+        if cfg.memory_rope:
+            qm, km = q_rot.reshape(q.shape), k_rot.reshape(k.shape)
+
+        # Segments become batch entries: (B * n, heads, N, D).
+        bat = lambda t: t.swapaxes(1, 2).reshape(B * n, t.shape[1], -1, t.shape[-1])
+        local = self._local(bat(q_rot), bat(k_rot), bat(seg(v)), 0)
+        local = local.reshape(B, n, H, -1, local.shape[-1]).swapaxes(1, 2).reshape(B, H, L, -1)
+
+        M, z = cache.memory(B, self.n_kv_heads, km.shape[-1], vm.shape[-1])
+        if cfg.memory == "normalized":
+            Ms, M = delta_rule_segments(M, seg(km), seg(vm), beta.reshape(B, -1, n, L // n))
+            sq = group_heads(qm, self.n_kv_heads, cfg.gqa_memory)
+            sq = sq.reshape(*sq.shape[:3], n, -1, sq.shape[-1])
+            mem = (sq @ Ms[:, :, None]).reshape(*sq.shape[:3], L, -1)
+            mem = self.o_norm(ungroup_heads(mem, cfg.gqa_memory))
+        else:
+            sk, vm = seg(sigma(km, cfg.feature_map)), seg(vm)
+            Ms, zs = [], []
+            for j in range(n):
+                Ms.append(M), zs.append(z)
+                dM, dz = memory_delta(
+                    sk[:, :, j], vm[:, :, j], M, z, cfg.update, cfg.first_segment, cfg.eps
+                )
+                M, z = M + dM, z + dz
+            sq = group_heads(sigma(qm, cfg.feature_map), self.n_kv_heads, cfg.gqa_memory)
+            sq = sq.reshape(*sq.shape[:3], n, -1, sq.shape[-1])
+            mem = retrieve(
+                sq, mx.stack(Ms, 2)[:, :, None], mx.stack(zs, 2)[:, :, None],
+                cfg.first_segment, cfg.eps,
+            )
+            mem = ungroup_heads(mem.reshape(*sq.shape[:3], L, -1), cfg.gqa_memory)
+        cache.advance(L, M, z)
+        return self._mix(mem, local)
 
     def __call__(
         self, x: mx.array, mask: Optional[Any] = None, cache: Optional[Any] = None
@@ -198,6 +248,10 @@ class InfiniAttention(nn.Module):
         if cache is None:
             cache = InfiniCache(self.config.segment_len, self.config.memory)
         qm, km, vm, beta = self._memory_inputs(x, q, k, v, cache)
+        N = self.config.segment_len
+        if cache.segment_pos == 0 and L > N and L % N == 0 and (self.window or N) >= N:
+            out = self._segments(q, k, v, qm, km, vm, beta, cache)
+            return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
         outs, a = [], 0
         while a < L:
             b = min(L, a + self.config.segment_len - cache.segment_pos)
@@ -211,6 +265,19 @@ class InfiniAttention(nn.Module):
             a = b
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+@lru_cache(maxsize=None)
+def _mix(act: str, flip: bool):
+    """Eq. 10 as one compiled kernel: a decoded token runs it in every layer."""
+
+    def mix(gate, mem, local):
+        g = GATE_ACTS[act](gate.astype(mx.float32))[:, None, None]
+        if flip:
+            g = 1 - g
+        return (g * mem + (1 - g) * local.astype(mx.float32)).astype(local.dtype)
+
+    return mx.compile(mix)
 
 
 def _dims(base: nn.Module, H: int, Hkv: int):

@@ -104,6 +104,13 @@ class InfiniCache(_BaseCache):
         self.dM = self.dz = None
         self.keys = self.values = None
 
+    def advance(self, L: int, M: mx.array, z: Optional[mx.array]):
+        """After whole segments fed at once from a segment's start: the memory after them."""
+        self.offset += L
+        self.M, self.z = M, z
+        self.dM = self.dz = None
+        self.keys = self.values = None
+
     # mlx-lm cache protocol
     def make_mask(self, *args, **kwargs):
         # InfiniAttention builds its own in-segment masks.

@@ -6,13 +6,15 @@ queries arrive as (..., L, Dk) and values as (..., L, Dv).
 
 import mlx.core as mx
 
+from . import fast
+
 
 def sigma(x: mx.array, feature_map: str = "elu1") -> mx.array:
     """ELU(x) + 1 (or ReLU) in float32; exp sees only x <= 0 so no inf can leak into grads."""
     x = x.astype(mx.float32)
     if feature_map == "relu":
         return mx.maximum(x, 0)
-    return mx.where(x > 0, x + 1, mx.exp(mx.minimum(x, 0)))
+    return mx.where(x > 0, x + 1, fast.exp(mx.minimum(x, 0)))
 
 
 def group_heads(x: mx.array, n_kv_heads: int, mode: str) -> mx.array:
@@ -76,6 +78,17 @@ def l2_normalize(x: mx.array, eps: float = 1e-6) -> mx.array:
     return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)
 
 
+@mx.compile
+def _silu_l2_cpu(x):
+    return l2_normalize(fast._silu(x))
+
+
+def silu_l2(x: mx.array) -> mx.array:
+    """L2norm(SiLU(x)) in float32: the normalised memory's queries and keys."""
+    x = x.astype(mx.float32)
+    return _silu_l2_cpu(x) if fast.on_cpu(x) else l2_normalize(fast.silu(x))
+
+
 def short_conv(x: mx.array, prev: mx.array, w: mx.array):
     """Causal depthwise convolution over time.
 
@@ -91,7 +104,10 @@ def short_conv(x: mx.array, prev: mx.array, w: mx.array):
     L = x.shape[1]
     xp = mx.concatenate([prev.astype(x.dtype), x], axis=1)
     w = w.astype(x.dtype)
-    y = sum(xp[:, i : i + L] * w[:, i] for i in range(W))
+    if L <= 16:  # decoding: one op; for long blocks MLX's grouped conv is slower than the taps
+        y = mx.conv1d(xp, w[:, :, None], groups=w.shape[0])
+    else:
+        y = sum(xp[:, i : i + L] * w[:, i] for i in range(W))
     return y, xp[:, xp.shape[1] - (W - 1) :]
 
 
@@ -114,6 +130,24 @@ def _unit_lower_solve_vjp(primals, cotangent, output):
     return dA, dR
 
 
+def _chunk_maps(k: mx.array, v: mx.array, beta: mx.array):
+    """Each chunk's write as an affine map of the memory, S -> P S + Q (WY form).
+
+    With T = (I + tril(diag(beta) K K^T, -1))^-1 diag(beta), W = T K and U = T V,
+    a chunk writes S + K^T (U - W S), so P = I - K^T W and Q = K^T U; the
+    triangular solves of all chunks (axis -3 and before) run at once.
+    """
+    Dk = k.shape[-1]
+    b = beta[..., None]
+    w, u = b * k, b * v
+    if k.shape[-2] > 1:
+        A = mx.tril(w @ k.swapaxes(-1, -2), -1)
+        wu = _unit_lower_solve(A, mx.concatenate([w, u], axis=-1))
+        w, u = wu[..., :Dk], wu[..., Dk:]
+    kt = k.swapaxes(-1, -2)
+    return mx.eye(Dk, dtype=k.dtype) - kt @ w, kt @ u
+
+
 def delta_rule(
     S: mx.array, k: mx.array, v: mx.array, beta: mx.array, chunk: int = 64
 ) -> mx.array:
@@ -122,6 +156,8 @@ def delta_rule(
     For each token t in order: S <- S + beta_t k_t^T (v_t - k_t S). Computed in
     chunks with the WY form (DeltaNet): inside a chunk, (I + tril(diag(beta) K K^T, -1)) U
     = diag(beta) (V - K S) gives every token's correction U at once, S' = S + K^T U.
+    Blocks of several chunks solve them all at once (``_chunk_maps``) and only
+    apply them in order.
 
     Args:
         S: (..., Dk, Dv) memory before the block (float32).
@@ -135,11 +171,48 @@ def delta_rule(
     """
     k, v, beta = k.astype(mx.float32), v.astype(mx.float32), beta.astype(mx.float32)
     L = k.shape[-2]
-    for a in range(0, L, chunk):
-        K, V = k[..., a : a + chunk, :], v[..., a : a + chunk, :]
-        b = beta[..., a : a + chunk, None]
-        R = b * (V - K @ S)
-        if K.shape[-2] > 1:
-            R = _unit_lower_solve(mx.tril(b * (K @ K.swapaxes(-1, -2)), -1), R)
-        S = S + K.swapaxes(-1, -2) @ R
+    if L <= chunk:
+        b = beta[..., None]
+        R = b * (v - k @ S)
+        if L > 1:
+            R = _unit_lower_solve(mx.tril(b * (k @ k.swapaxes(-1, -2)), -1), R)
+        return S + k.swapaxes(-1, -2) @ R
+    for P, Q in _maps(k, v, beta, chunk):
+        S = mx.addmm(Q, P, S)
     return S
+
+
+def _maps(k, v, beta, chunk):
+    """(P, Q) of each chunk of the last-but-one axis, in order (see ``_chunk_maps``)."""
+    L = k.shape[-2]
+    n = L // chunk * chunk
+    lead = k.shape[:-2]
+    out = []
+    if n:
+        P, Q = _chunk_maps(
+            k[..., :n, :].reshape(*lead, -1, chunk, k.shape[-1]),
+            v[..., :n, :].reshape(*lead, -1, chunk, v.shape[-1]),
+            beta[..., :n].reshape(*lead, -1, chunk),
+        )
+        out += [(P[..., i, :, :], Q[..., i, :, :]) for i in range(n // chunk)]
+    if n < L:
+        out.append(_chunk_maps(k[..., n:, :], v[..., n:, :], beta[..., n:]))
+    return out
+
+
+def delta_rule_segments(
+    S: mx.array, k: mx.array, v: mx.array, beta: mx.array, chunk: int = 64
+):
+    """``delta_rule`` over whole segments: k (..., n, N, Dk), v (..., n, N, Dv), beta (..., n, N).
+
+    Returns:
+        ``(states, S)``: (..., n, Dk, Dv) the memory as each segment began, and after the last.
+    """
+    k, v, beta = k.astype(mx.float32), v.astype(mx.float32), beta.astype(mx.float32)
+    maps = _maps(k, v, beta, chunk)  # each (..., n, D, D): every segment's i-th chunk
+    states = []
+    for j in range(k.shape[-3]):
+        states.append(S)
+        for P, Q in maps:
+            S = mx.addmm(Q[..., j, :, :], P[..., j, :, :], S)
+    return mx.stack(states, axis=-3), S

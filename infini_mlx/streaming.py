@@ -8,17 +8,23 @@ import mlx.nn as nn
 from .cache import InfiniCache
 
 
+# Tokens of whole short segments fed per call (at least): they run batched across
+# segments inside each layer, so per-call costs are paid once for all of them.
+WHOLE = 1024
+
+
 def block_len(cache: List[InfiniCache], block_size: int) -> int:
     """Tokens of the next block: up to the segment's end, or whole segments.
 
     Segments longer than ``block_size`` are fed in pieces that never cross a
-    segment boundary; shorter ones (small models) are fed several at a time,
-    since a model call costs far more than one short segment's work.
+    segment boundary; shorter ones (small models) are fed several at a time
+    (up to ``max(block_size, WHOLE)`` tokens), since a model call costs far
+    more than one short segment's work.
     """
     seg, pos = cache[0].segment_len, cache[0].segment_pos
     if pos or seg >= block_size:
         return min(block_size, seg - pos)
-    return block_size // seg * seg
+    return max(block_size, WHOLE) // seg * seg
 
 
 def prefill(
@@ -32,7 +38,7 @@ def prefill(
 
     Blocks are aligned to segment boundaries (see ``block_len``), and the state
     is evaluated after each, so the graph and the memory in use stay bounded by
-    ``max(block_size, segment_len)`` tokens. Blocks shorter than a segment lower
+    ``max(block_size, segment_len, WHOLE)`` tokens. Blocks shorter than a segment lower
     peak memory (the attention scores of a block are block_size x segment_len)
     and, on CPU, time: fewer masked scores.
     ``tokens`` may be any iterable (a generator over a huge file included).

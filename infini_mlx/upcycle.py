@@ -4,9 +4,12 @@ from typing import Optional
 
 import mlx.nn as nn
 
+from mlx_lm.models import llama, qwen2, qwen3
+
 from .attention import InfiniAttention
 from .cache import InfiniCache
 from .config import InfiniConfig
+from .fast import SwiGLU
 
 # model_type values (as in config.json) whose attention InfiniAttention can adopt.
 SUPPORTED_MODEL_TYPES = (
@@ -27,6 +30,11 @@ def _sliding_window(model: nn.Module) -> Optional[int]:
     inner = model.language_model if "language_model" in model else model
     inner = inner.model
     return getattr(inner, "sliding_window", None) or getattr(inner, "window_size", None)
+
+
+# MLPs computing down(silu(gate(x)) * up(x)) with mlx-lm's swiglu: SwiGLU does it
+# with fast.exp on CPU.
+SWIGLU_MLPS = (llama.MLP, qwen2.MLP, qwen3.MLP)
 
 
 def is_infini(model: nn.Module) -> bool:
@@ -60,6 +68,8 @@ def upcycle(model: nn.Module, model_type: str, config: InfiniConfig) -> nn.Modul
         attn = layer.self_attn
         sliding = getattr(layer, "use_sliding", False) or getattr(attn, "is_sliding", False)
         layer.self_attn = InfiniAttention(attn, config, window if sliding else None)
+        if type(getattr(layer, "mlp", None)) in SWIGLU_MLPS:
+            layer.mlp = SwiGLU(layer.mlp)
     n = len(model.layers)
     model.make_cache = lambda: [InfiniCache(config.segment_len, config.memory) for _ in range(n)]
     model.infini_config = config

@@ -126,8 +126,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("cuts", [(L,), (3 * N, L - 3 * N)], ids=["one call", "segments batched"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c.values())))
-def test_layer_matches_numpy_reference(case):
+def test_layer_matches_numpy_reference(case, cuts):
     args = llama.ModelArgs(
         model_type="llama",
         hidden_size=DIM,
@@ -165,8 +166,12 @@ def test_layer_matches_numpy_reference(case):
     x = mx.random.normal((B, L, DIM))
 
     cache = InfiniCache(N, cfg.memory)
-    y = layer(x, cache=cache)
-    mx.eval(y, cache.state)
+    ys, a = [], 0
+    for n in cuts:  # 3 whole segments from the start run batched across segments
+        ys.append(layer(x[:, a : a + n], cache=cache))
+        mx.eval(ys[-1], cache.state)
+        a += n
+    y = mx.concatenate(ys, axis=1)
 
     w = {k: np.array(v, dtype=np.float64) for k, v in
          [("q", base.q_proj.weight), ("k", base.k_proj.weight),

@@ -46,12 +46,15 @@ def test_chunkings_agree(form):
     ways = {
         "token by token": [1] * L,
         "whole segments": [N] * (L // N) + [L % N],
+        "two segments at a time": [2 * N] * (L // (2 * N)) + [L % (2 * N)],
         "random chunks": random_sizes(rng, L, 2 * N + 3),
         "one chunk": [L],
     }
     results = {name: run(model, tokens, sizes) for name, sizes in ways.items()}
     ref_logits, ref_cache = results["whole segments"]
     assert mx.allclose(full, ref_logits, atol=1e-4, rtol=0)
+    # Several whole segments in one call run batched across segments.
+    assert mx.allclose(model(tokens[:, : 5 * N]), ref_logits[:, : 5 * N], atol=1e-4, rtol=0)
     for name, (logits, cache) in results.items():
         assert mx.allclose(logits, ref_logits, atol=1e-4, rtol=0), name
         for c, r in zip(cache, ref_cache):
