@@ -96,6 +96,15 @@ def train(
         typer.Option(min=0.0, max=1.0, help="Probability that a batch starts from the memory the last one ended with."),
     ] = 0.0,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the initial weights and the data stream.")] = 0,
+    freeze_base: Annotated[
+        bool,
+        typer.Option(help="Train only the gates and the memory's own parameters of --model; its base weights stay."),
+    ] = False,
+    lora_rank: Annotated[
+        int,
+        typer.Option(min=0, help="Also train LoRA adapters of this rank on the attention projections (base frozen; 0: none)."),
+    ] = 0,
+    lora_scale: Annotated[float, typer.Option(help="mlx-lm's LoRA scale.")] = 20.0,
     books: Annotated[
         Optional[str], typer.Option(help="Training book files to use, comma-separated (default: all five).")
     ] = None,
@@ -113,6 +122,7 @@ def train(
 
     _check("--lr", lr > 0, f"{lr} is not a learning rate: a number > 0")
     _check("--gate-lr", gate_lr > 0, f"{gate_lr} is not a learning rate: a number > 0")
+    _check("--model", model is not None or not (freeze_base or lora_rank), "--freeze-base and --lora-rank fine-tune a --model")
     args = TrainArgs(
         out=str(out),
         init=model,
@@ -137,6 +147,9 @@ def train(
         eval_segments=_ints("--eval-segments", eval_segments),
         carry_state=carry_state,
         seed=seed,
+        freeze_base=freeze_base,
+        lora_rank=lora_rank,
+        lora_scale=lora_scale,
     )
     if books_dir:
         args.books = str(books_dir)

@@ -25,6 +25,7 @@ from mlx_lm.utils import _get_classes, load_tokenizer
 from .attention import is_new_parameter
 from .config import InfiniConfig
 from .data import BOOKS_DIR, HELD_OUT_BOOKS, TRAIN_BOOKS, book_tokens
+from .finetune import LORA_FILE, add_lora, freeze_base, lora_fused, lora_weights, trainable_count
 from .tasks import (
     MAX_PASSKEY,
     NEEDLE_NAMES,
@@ -36,7 +37,7 @@ from .tasks import (
     plain_question,
 )
 from .upcycle import upcycle
-from .utils import load, save
+from .utils import GATES_FILE, load, save
 
 CKPT = "checkpoint"
 # Gates of an untrained memory start here when training: sigmoid(0) = 0.5 gives the
@@ -88,6 +89,14 @@ class TrainArgs:
             empty one: the model learns to read past earlier documents. Resuming
             starts the first batch empty.
         seed: Seeds the initial weights and the data stream.
+        freeze_base: Train only the parameters Infini adds (gates and the
+            memory's own: convolutions, write strengths, read-out norm) of
+            ``init``; its base weights stay as they are.
+        lora_rank: With a rank above 0, also train mlx-lm LoRA adapters of that
+            rank on the attention projections (the base stays frozen). Saved
+            models hold them fused; the checkpoint keeps them apart, and a
+            resumed run reads its base from ``init`` again.
+        lora_scale: mlx-lm's LoRA scale.
     """
 
     out: str
@@ -118,6 +127,9 @@ class TrainArgs:
     eval_segments: List[int] = field(default_factory=lambda: [2, 8, 32])
     carry_state: float = 0.0
     seed: int = 0
+    freeze_base: bool = False
+    lora_rank: int = 0
+    lora_scale: float = 20.0
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrainArgs":
@@ -402,11 +414,18 @@ def clip_by_norm(grads, max_norm: float):
 
 
 def save_checkpoint(run: Path, model, tokenizer, config, opt, trainer: Dict[str, Any]):
-    """Write ``run/checkpoint`` atomically: model dir, optimizer.safetensors, trainer.json."""
+    """Write ``run/checkpoint`` atomically: model dir, optimizer.safetensors, trainer.json.
+
+    LoRA adapters are fused into the saved model and kept unfused in ``LORA_FILE``.
+    """
     tmp = run / f".{CKPT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save(tmp / "model", model, tokenizer, config)
+    lora = lora_weights(model)
+    if lora:
+        mx.save_safetensors(str(tmp / LORA_FILE), lora)
+    with lora_fused(model):
+        save(tmp / "model", model, tokenizer, config)
     mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(opt.state)))
     (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
     final = run / CKPT
@@ -463,6 +482,8 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
     """
     run = Path(args.out)
     ckpt = run / CKPT
+    if (args.freeze_base or args.lora_rank) and not args.init:
+        raise ValueError("freeze_base and lora_rank fine-tune a loaded model: give init")
     if not ckpt.exists() and not args.init:
         # Checked before anything is written, so a bad call leaves no run directory.
         if not args.tokenizer:
@@ -478,7 +499,13 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
         for k in ("steps", "checkpoint_every", "eval_every", "eval_segments"):
             setattr(saved, k, getattr(args, k))
         args = saved
-        model, tokenizer, config = load(ckpt / "model", return_config=True)
+        if args.lora_rank:
+            # The saved model holds the adapters fused: start again from the frozen base.
+            infini = json.loads((ckpt / "model" / "config.json").read_text())["infini"]
+            model, tokenizer, config = load(args.init, infini=infini, return_config=True)
+            model.load_weights(list(mx.load(str(ckpt / "model" / GATES_FILE)).items()), strict=False)
+        else:
+            model, tokenizer, config = load(ckpt / "model", return_config=True)
         log(f"resuming {run} at step {trainer['step']}")
     elif args.init:
         model, tokenizer, config = load(args.init, infini=args.infini or None, return_config=True)
@@ -491,8 +518,16 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
     config["infini"] = model.infini_config.to_dict()
     if args.loss_positions and config["model_type"] not in SUBSAMPLED_TYPES:
         raise ValueError(f"loss_positions works for {', '.join(SUBSAMPLED_TYPES)} models only")
+    if args.freeze_base or args.lora_rank:
+        freeze_base(model)
+    if args.lora_rank:
+        mx.random.seed(args.seed)
+        add_lora(model, args.lora_rank, args.lora_scale)
+        if ckpt.exists():
+            model.load_weights(list(mx.load(str(ckpt / LORA_FILE)).items()), strict=False)
     model.train()
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    n_train = trainable_count(model)
     seg = model.infini_config.segment_len
 
     books = _cached_book_tokens(tokenizer, Path(args.books), args.book_names, run)
@@ -503,7 +538,8 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
         opt.init(model.trainable_parameters())
         load_optimizer_state(opt, ckpt / "optimizer.safetensors")
     trainer["args"] = asdict(args)
-    log(f"{n_params / 1e6:.2f}M parameters, segment_len {seg}, {json.dumps(args.mix)}")
+    trained = "" if n_train == n_params else f" ({n_train:,} trained)"
+    log(f"{n_params / 1e6:.2f}M parameters{trained}, segment_len {seg}, {json.dumps(args.mix)}")
 
     loss_and_grad = nn.value_and_grad(model, weighted_loss)
 
