@@ -47,9 +47,10 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
 
 
 def build(name: str, method: str, segment_len: int):
-    import infini_mlx
     from mlx_lm.models import llama
     from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    import infini_mlx
 
     # isort: split
     import mlx.core as mx

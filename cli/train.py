@@ -98,11 +98,11 @@ def train(
     seed: Annotated[int, typer.Option(min=0, help="Seed of the initial weights and the data stream.")] = 0,
     freeze_base: Annotated[
         bool,
-        typer.Option(help="Train only the gates and the memory's own parameters of --model; its base weights stay."),
+        typer.Option("--freeze-base", help="Train only the memory's parameters (gates too) of --model."),
     ] = False,
     lora_rank: Annotated[
         int,
-        typer.Option(min=0, help="Also train LoRA adapters of this rank on the attention projections (base frozen; 0: none)."),
+        typer.Option(min=0, help="LoRA rank on the attention projections (base frozen; 0: none)."),
     ] = 0,
     lora_scale: Annotated[float, typer.Option(help="mlx-lm's LoRA scale.")] = 20.0,
     books: Annotated[

@@ -200,7 +200,8 @@ class InfiniAttention(nn.Module):
         cfg = self.config
         B, H, L, _ = q.shape
         n = L // cfg.segment_len
-        seg = lambda t: t.reshape(t.shape[0], t.shape[1], n, -1, t.shape[-1])
+        def seg(t):
+            return t.reshape(t.shape[0], t.shape[1], n, -1, t.shape[-1])
         if cfg.rope_mode == "segment":
             q_rot, k_rot = seg(self.rope(seg(q))), seg(self.rope(seg(k)))
         else:
@@ -209,7 +210,8 @@ class InfiniAttention(nn.Module):
             qm, km = q_rot.reshape(q.shape), k_rot.reshape(k.shape)
 
         # Segments become batch entries: (B * n, heads, N, D).
-        bat = lambda t: t.swapaxes(1, 2).reshape(B * n, t.shape[1], -1, t.shape[-1])
+        def bat(t):
+            return t.swapaxes(1, 2).reshape(B * n, t.shape[1], -1, t.shape[-1])
         local = self._local(bat(q_rot), bat(k_rot), bat(seg(v)), 0)
         local = local.reshape(B, n, H, -1, local.shape[-1]).swapaxes(1, 2).reshape(B, H, L, -1)
 

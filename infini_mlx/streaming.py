@@ -7,7 +7,6 @@ import mlx.nn as nn
 
 from .cache import InfiniCache
 
-
 # Tokens of whole short segments fed per call (at least): they run batched across
 # segments inside each layer, so per-call costs are paid once for all of them.
 WHOLE = 1024

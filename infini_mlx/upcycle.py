@@ -3,7 +3,6 @@
 from typing import Optional
 
 import mlx.nn as nn
-
 from mlx_lm.models import llama, qwen2, qwen3
 
 from .attention import InfiniAttention
