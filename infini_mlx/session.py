@@ -299,11 +299,16 @@ class InfiniSession:
 
         first = self.tokens_read
         prefill(self.model, tokens(), self.cache, step)
+        return self._finish(first, start, skip, before, path, size, checkpoint, progress)
+
+    def _finish(self, first, start, skip, before, path, size, checkpoint, progress) -> int:
+        """End a reading (memory or notes): refuse an empty one, mark it complete,
+        save it; the tokens read now."""
         fed = self.tokens_read - first
         if fed == 0 and start == 0 and skip == 0:
             self.meta = before
             raise InputError(f"{path or 'the text'} holds no text to read")
-        m.update(complete="1", source_pos=str(size), source_skip="0")
+        self.meta.update(complete="1", source_pos=str(size), source_skip="0")
         if checkpoint is not None:
             self.save(checkpoint, overwrite=True)
         if progress:
@@ -368,16 +373,7 @@ class InfiniSession:
                     note(off, i + 1)
         if buf:
             note(size, 0)
-        fed = self.tokens_read - first
-        if fed == 0 and start == 0 and skip == 0:
-            self.meta = before
-            raise InputError(f"{path or 'the text'} holds no text to read")
-        m.update(complete="1", source_pos=str(size), source_skip="0")
-        if checkpoint is not None:
-            self.save(checkpoint, overwrite=True)
-        if progress:
-            progress(self.tokens_read, size, size)
-        return fed
+        return self._finish(first, start, skip, before, path, size, checkpoint, progress)
 
     @staticmethod
     def _phase(progress, text: str):
@@ -403,8 +399,8 @@ class InfiniSession:
             prompt = f"{head}{text}\n\n{instruction}{tail}"
         else:
             prompt = f"{text}\n\n{N.PLAIN.get(instruction, instruction)}"
-        ids = self.tokenizer.encode(prompt, add_special_tokens=not prompt.startswith(
-            self.tokenizer.bos_token or "\0"))
+        bos = self.tokenizer.bos_token
+        ids = self.tokenizer.encode(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))
         procs = make_logits_processors(
             repetition_penalty=N.REPETITION_PENALTY, repetition_context_size=N.REPETITION_CONTEXT
         )
