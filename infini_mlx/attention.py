@@ -131,12 +131,16 @@ class InfiniAttention(nn.Module):
         s = q @ mx.expand_dims(k, 2).swapaxes(-1, -2)
         if self.softcap is not None:
             s = mx.tanh(s / self.softcap) * self.softcap
-        if mask is not None:
-            if isinstance(mask, str):
-                mask = mx.arange(kL - qL, kL)[:, None] >= mx.arange(kL)[None]
-            s = mx.where(mask, s, mx.finfo(s.dtype).min)
-        p = fast.softmax(s.astype(mx.float32)).astype(v.dtype)
-        return (p @ mx.expand_dims(v, 2)).reshape(B, H, qL, -1)
+        if isinstance(mask, str):
+            mask = mx.arange(kL - qL, kL)[:, None] >= mx.arange(kL)[None]
+        if fast.on_cpu(s):
+            e, total = fast.softmax_parts(s, mask)
+            out = (e.astype(v.dtype) @ mx.expand_dims(v, 2)) / total.astype(v.dtype)
+        else:
+            if mask is not None:
+                s = mx.where(mask, s, mx.finfo(s.dtype).min)
+            out = mx.softmax(s.astype(mx.float32), axis=-1, precise=True).astype(v.dtype) @ mx.expand_dims(v, 2)
+        return out.reshape(B, H, qL, -1)
 
     def _memory_inputs(self, x, q, k, v, cache: InfiniCache):
         """The q, k, v (normalised, with write strengths, for the normalised memory) of the memory."""

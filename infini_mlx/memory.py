@@ -14,7 +14,7 @@ def sigma(x: mx.array, feature_map: str = "elu1") -> mx.array:
     x = x.astype(mx.float32)
     if feature_map == "relu":
         return mx.maximum(x, 0)
-    return mx.where(x > 0, x + 1, fast.exp(mx.minimum(x, 0)))
+    return fast.elu1(x)
 
 
 def group_heads(x: mx.array, n_kv_heads: int, mode: str) -> mx.array:

@@ -12,6 +12,20 @@ def test_exp_matches_float64():
     ref = np.exp(np.array(x, np.float64))
     assert np.allclose(np.array(fast.exp(x)), ref, rtol=3e-6, atol=0)
     assert np.array(fast.exp(mx.array([-mx.inf, -100.0, 100.0]))).tolist() == [0.0, 0.0, np.inf]
+    # Up to float32's largest: e^88.5 is finite, e^89 is not; unbounded inputs give 0 or inf, never NaN.
+    y = np.array(fast.exp(mx.array([88.5, 89.0, -1e30, 1e30, mx.inf])))
+    assert np.isclose(y[0], np.exp(88.5), rtol=3e-7) and y[1:].tolist() == [np.inf, 0.0, np.inf, np.inf]
+
+
+def test_softmax_parts_masked_matches_mlx():
+    s = mx.random.normal((2, 3, 40, 96), key=mx.random.key(3)) * 6
+    mask = mx.arange(56, 96)[:, None] >= mx.arange(96)[None]
+    e, total = fast.softmax_parts(s, mask)
+    ref = mx.softmax(mx.where(mask, s, -mx.inf), axis=-1, precise=True)
+    assert mx.allclose(e / total, ref, rtol=1e-5, atol=1e-7)
+    assert not mx.any(mx.where(mask, 0.0, e)).item()  # masked weights are exactly 0
+    e, total = fast.softmax_parts(s)
+    assert mx.allclose(e / total, mx.softmax(s, axis=-1, precise=True), rtol=1e-5, atol=1e-7)
 
 
 def test_silu_sigmoid_softmax_match_mlx():
@@ -30,3 +44,34 @@ def test_gradients_match_mlx():
     for f, g in [(fast.silu, nn.silu), (fast.sigmoid, mx.sigmoid), (fast.exp, mx.exp)]:
         ours, theirs = mx.grad(lambda t, f=f: f(t).sum())(x), mx.grad(lambda t, g=g: g(t).sum())(x)
         assert mx.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_elu1_matches_mlx_and_its_gradient():
+    x = mx.random.normal((512,), key=mx.random.key(4)) * 5
+    ref = lambda t: mx.where(t > 0, t + 1, mx.exp(mx.minimum(t, 0)))  # noqa: E731
+    assert mx.allclose(fast.elu1(x), ref(x), rtol=1e-6, atol=1e-7)
+    ours, theirs = mx.grad(lambda t: fast.elu1(t).sum())(x), mx.grad(lambda t: ref(t).sum())(x)
+    assert mx.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_parts_extreme_scores():
+    # Scores 1e6 apart, masked ones above the real maximum: 0 weight, never NaN.
+    s = mx.array([[0.0, -1e6, -1e30, 50.0, 3.0]])
+    e, total = fast.softmax_parts(s, mx.array([True, True, True, False, True]))
+    ref = np.exp(np.array([0.0, -np.inf, -np.inf, -np.inf, 3.0]) - 3.0)
+    assert np.allclose(np.array(e)[0], ref, rtol=3e-7, atol=0) and np.isclose(total.item(), ref.sum())
+
+
+def test_softmax_parts_gradient_matches_mlx():
+    s = mx.random.normal((4, 32), key=mx.random.key(5)) * 4
+    mask = mx.arange(4)[:, None] + 28 >= mx.arange(32)[None]
+    w = mx.random.normal((4, 32), key=mx.random.key(6))
+
+    def ours(t):
+        e, total = fast.softmax_parts(t, mask)
+        return (e / total * w).sum()
+
+    def theirs(t):
+        return (mx.softmax(mx.where(mask, t, -mx.inf), axis=-1, precise=True) * w).sum()
+
+    assert mx.allclose(mx.grad(ours)(s), mx.grad(theirs)(s), rtol=1e-5, atol=1e-6)
