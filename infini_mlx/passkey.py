@@ -95,6 +95,8 @@ def prefill_batch(model, streams: Sequence[Iterator[int]], n: int, cache=None, b
     fed, logits = 0, None
     while fed < n:
         k = min(block_len(cache, block_size), n - fed)
+        if k == n - fed > 1:
+            k -= 1  # the last token alone: logits for one position, not k
         block = np.stack([np.fromiter(itertools.islice(s, k), np.int32, k) for s in streams])
         fed += k
         logits = _feed(model, cache, mx.array(block), fed == n)

@@ -298,7 +298,7 @@ class InfiniSession:
                 progress(self.tokens_read, at[0] + min(chunk, size - at[0]) * at[1] // at[2], size)
 
         first = self.tokens_read
-        prefill(self.model, tokens(), self.cache, step)
+        prefill(self.model, tokens(), self.cache, step, logits=False)
         return self._finish(first, start, skip, before, path, size, checkpoint, progress)
 
     def _finish(self, first, start, skip, before, path, size, checkpoint, progress) -> int:

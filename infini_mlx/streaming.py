@@ -32,6 +32,7 @@ def prefill(
     cache: List[InfiniCache],
     progress: Optional[Callable[[int], None]] = None,
     block_size: int = 512,
+    logits: bool = True,
 ) -> Optional[mx.array]:
     """Feed ``tokens`` through ``model`` in segment-aligned blocks, updating ``cache``.
 
@@ -48,35 +49,50 @@ def prefill(
         cache: The model's cache, from ``model.make_cache()`` or ``load_state``.
         progress: Called with the number of tokens fed so far.
         block_size: Most tokens fed per model call.
+        logits: Return the last token's logits. To compute them for that
+            position only, ``tokens`` is read one token ahead of what
+            ``progress`` reports; without them, exactly as far.
 
     Returns:
-        The logits of the last token fed, shape (vocab,), or None if no token was fed.
+        The logits of the last token fed, shape (vocab,), or None if no token
+        was fed or ``logits`` is False.
     """
-    logits, buf, fed = None, [], 0
+    buf, fed = [], 0
     n = block_len(cache, block_size)
 
-    def run(block):
-        # Only the state is evaluated: logits of all but the last block are never computed.
-        out = model(mx.array(block)[None], cache=cache)[0, -1]
+    def run(block, last=False):
+        out = model(mx.array(block)[None], cache=cache)
+        if last:
+            out = out[0, -1]
+            mx.eval(out, [c.state for c in cache])
+            return out
+        # Only the state is evaluated: the head never runs for these positions.
         mx.eval([c.state for c in cache])
-        return out
 
-    for t in tokens:
-        buf.append(t)
-        if len(buf) == n:
-            logits = None  # let the previous block's graph go first
-            logits = run(buf)
-            fed += len(buf)
-            buf = []
-            n = block_len(cache, block_size)
-            if progress:
-                progress(fed)
-    if buf:
-        logits = None
-        logits = run(buf)
-        fed += len(buf)
+    def step(block):
+        nonlocal fed, n
+        run(block)
+        fed += len(block)
+        n = block_len(cache, block_size)
         if progress:
             progress(fed)
-    if logits is not None:
-        mx.eval(logits)
-    return logits
+
+    # With logits, one token is held back so that the last block's logits are
+    # computed for its last position only (a block x vocabulary matrix otherwise).
+    ahead = int(logits)
+    for t in tokens:
+        buf.append(t)
+        if len(buf) == n + ahead:
+            step(buf[:n])
+            buf = buf[n:]
+    if not logits or not buf:
+        if buf:
+            step(buf)
+        return None
+    if len(buf) > 1:
+        step(buf[:-1])
+    out = run(buf[-1:], last=True)
+    fed += 1
+    if progress:
+        progress(fed)
+    return out

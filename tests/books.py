@@ -47,7 +47,7 @@ def book(n_words: int, seed: int = 0) -> str:
 def reference_cache(model, tokens):
     """The state of one uninterrupted prefill of ``tokens``."""
     cache = model.make_cache()
-    prefill(model, tokens, cache)
+    prefill(model, tokens, cache, logits=False)
     return cache
 
 

@@ -78,3 +78,25 @@ def test_segment_folded_once_when_full():
     assert cache[0].keys is None and cache[0].dM is None  # segment KV released
     model(tokens[:, N:], cache=cache)
     assert mx.array_equal(cache[0].M, M_after)  # not folded again by the next token
+
+
+@pytest.mark.parametrize("n", [1, 17, 24, 45])
+def test_prefill_logits_and_progress(n):
+    """prefill's last logits and state match token-by-token feeding, whether the
+    input ends inside a block or on a block's end; progress counts every token."""
+    from infini_mlx import prefill
+
+    model, _ = make_infini("llama", segment_len=N, **FORMS["normalized+conv"])
+    tokens = mx.random.randint(0, VOCAB, (1, n), key=mx.random.key(7))
+    ref, ref_cache = run(model, tokens, [1] * n)
+    seen = []
+    cache = model.make_cache()
+    out = prefill(model, tokens[0].tolist(), cache, progress=seen.append, block_size=8)
+    assert out.shape == (VOCAB,) and mx.allclose(out, ref[0, -1], atol=1e-4)
+    assert cache[0].offset == n and seen[-1] == n and seen == sorted(seen)
+    for c, r in zip(cache, ref_cache):
+        assert all(a is None or mx.allclose(a, b, atol=1e-4) for a, b in zip(c.state, r.state))
+    # Without logits: the same state, nothing returned.
+    cache2 = model.make_cache()
+    assert prefill(model, iter(tokens[0].tolist()), cache2, logits=False) is None
+    assert cache2[0].offset == n
