@@ -179,7 +179,7 @@ def main():
     p.add_argument("--lengths", default="2k,32k")
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--segment-len", type=int, default=0, help="default: 2048 for the bench model, else the model's")
-    p.add_argument("--repeats", type=int, default=1, help="runs per cell; the fastest is shown")
+    p.add_argument("--repeats", type=int, default=1, help="runs per cell, taken in turns; the fastest is shown")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
@@ -198,27 +198,29 @@ def main():
             print("| smol | (no /tmp/smolf) | | | | | | | | | |")
             continue
         seg = a.segment_len or (2048 if name == "bench" else 0)
-        for method in a.methods.split(","):
-            for length in map(parse_len, a.lengths.split(",")):
-                runs = []
-                for _ in range(a.repeats):
-                    cmd = [sys.executable, __file__, "--one", f"{model}:{method}:{length}",
-                           "--decode", str(a.decode), "--segment-len", str(seg)]
-                    out = subprocess.run(cmd, capture_output=True, text=True)
-                    if out.returncode:
-                        print(out.stderr[-2000:], file=sys.stderr)
-                        break
-                    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                if not runs:
+        cells = [(m, n) for m in a.methods.split(",") for n in map(parse_len, a.lengths.split(","))]
+        runs = {c: [] for c in cells}
+        # Repeats go round all cells in turn, so that a slow spell of the machine
+        # does not fall on one method only.
+        for _ in range(a.repeats):
+            for method, length in cells:
+                cmd = [sys.executable, __file__, "--one", f"{model}:{method}:{length}",
+                       "--decode", str(a.decode), "--segment-len", str(seg)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    print(out.stderr[-2000:], file=sys.stderr)
                     continue
-                r = min(runs, key=lambda r: r["read_s"])
-                d = min(r["decode_s"] for r in runs)
-                rg = r["read_flops"] / r["read_s"] / 1e9
-                dg = r["decode_flops"] / d / 1e9
-                print(f"| {name} | {NAMES[method]} | {fmt_len(length)} | {length / r['read_s']:,.0f} "
-                      f"| {rg:.1f} | {100 * rg / peak:.0f}% | {1e3 * d:.2f} | {dg:.1f} | {100 * dg / peak:.0f}% "
-                      f"| {r['peak_mb']:,.0f} | {r['rss_mb']:,.0f} |", flush=True)
-
+                runs[(method, length)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for (method, length), rs in runs.items():
+            if not rs:
+                continue
+            r = min(rs, key=lambda r: r["read_s"])
+            d = min(r["decode_s"] for r in rs)
+            rg = r["read_flops"] / r["read_s"] / 1e9
+            dg = r["decode_flops"] / d / 1e9
+            print(f"| {name} | {NAMES[method]} | {fmt_len(length)} | {length / r['read_s']:,.0f} "
+                  f"| {rg:.1f} | {100 * rg / peak:.0f}% | {1e3 * d:.2f} | {dg:.1f} | {100 * dg / peak:.0f}% "
+                  f"| {r['peak_mb']:,.0f} | {r['rss_mb']:,.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()
