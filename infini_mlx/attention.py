@@ -165,9 +165,9 @@ class InfiniAttention(nn.Module):
         cfg = self.config
         M, z = cache.memory(qm.shape[0], self.n_kv_heads, km.shape[-1], vm.shape[-1])
         if cfg.memory == "normalized":
-            sq = group_heads(qm, self.n_kv_heads, cfg.gqa_memory)
-            mem = self.o_norm(ungroup_heads(sq @ M[:, :, None], cfg.gqa_memory))
-            cache.accumulate(delta_rule(cache.running(), km, vm, beta), None)
+            step = _normalized_step(self.n_kv_heads, cfg.gqa_memory, self.o_norm.eps, qm.shape[2] == 1)
+            mem, S = step(qm, km, vm, beta, M, cache.running(), self.o_norm.weight)
+            cache.accumulate(S, None)
             return mem
         sq = group_heads(sigma(qm, cfg.feature_map), self.n_kv_heads, cfg.gqa_memory)
         mem = retrieve(sq, M[:, :, None], z[:, :, None], cfg.first_segment, cfg.eps)
@@ -271,6 +271,19 @@ class InfiniAttention(nn.Module):
             a = b
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+@lru_cache(maxsize=None)
+def _normalized_step(n_kv_heads: int, gqa: str, eps: float, compiled: bool):
+    """The normalised memory's read (RMSNorm'd) and token-by-token write of a block;
+    compiled for one decoded token, whose many small ops cost more than their math."""
+
+    def step(qm, km, vm, beta, M, S, w):
+        sq = group_heads(qm, n_kv_heads, gqa)
+        mem = mx.fast.rms_norm(ungroup_heads(sq @ M[:, :, None], gqa), w, eps)
+        return mem, delta_rule(S, km, vm, beta)
+
+    return mx.compile(step) if compiled else step
 
 
 @lru_cache(maxsize=None)
