@@ -16,6 +16,7 @@ from .memory import (
     group_heads,
     memory_delta,
     retrieve,
+    short_conv,
     sigma,
     silu_l2,
     ungroup_heads,
@@ -144,20 +145,20 @@ class InfiniAttention(nn.Module):
 
     def _memory_inputs(self, x, q, k, v, cache: InfiniCache):
         """The q, k, v (normalised, with write strengths, for the normalised memory) of the memory."""
-        if self.config.conv_size:
-            B, _, L, _ = q.shape
-            outs = []
+        cfg = self.config
+        B, _, L, _ = q.shape
+        normalized = cfg.memory == "normalized"
+        b = self.b_proj(x) if normalized else None
+        prevs, ws = [], []
+        if cfg.conv_size:
             for t, name in ((q, "conv_q"), (k, "conv_k"), (v, "conv_v")):
-                t = t.transpose(0, 2, 1, 3).reshape(B, L, -1)
-                prev = cache.conv_state(name, B, self.config.conv_size, t.shape[-1], t.dtype)
-                y, last = self[name[-1] + "_conv1d"](t, prev)
-                setattr(cache, name, last)
-                outs.append(y.reshape(B, L, -1, q.shape[-1]).transpose(0, 2, 1, 3))
-            q, k, v = outs
-        beta = None
-        if self.config.memory == "normalized":
-            q, k = silu_l2(q), silu_l2(k)
-            beta = fast.sigmoid(self.b_proj(x).astype(mx.float32)).transpose(0, 2, 1)
+                prevs.append(cache.conv_state(name, B, cfg.conv_size, t.shape[1] * t.shape[-1], t.dtype))
+                ws.append(self[name[-1] + "_conv1d"].weight)
+        # One decoded token: compiled, since its many small ops cost more than their math.
+        f = _memory_inputs_fn(bool(cfg.conv_size), normalized, L == 1 and normalized and bool(cfg.conv_size))
+        q, k, v, beta, lasts = f(q, k, v, b, prevs, ws)
+        if cfg.conv_size:
+            cache.conv_q, cache.conv_k, cache.conv_v = lasts
         return q, k, v, beta
 
     def _read_write(self, qm, km, vm, beta, cache: InfiniCache):
@@ -271,6 +272,30 @@ class InfiniAttention(nn.Module):
             a = b
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+@lru_cache(maxsize=None)
+def _memory_inputs_fn(conv: bool, normalized: bool, compiled: bool):
+    """(q, k, v, b, conv states, conv weights) -> the memory's q, k, v, beta and the next conv states."""
+
+    def f(q, k, v, b, prevs, ws):
+        lasts = []
+        if conv:
+            B, _, L, _ = q.shape
+            outs = []
+            for t, prev, w in zip((q, k, v), prevs, ws):
+                D = t.shape[-1]
+                y, last = short_conv(t.transpose(0, 2, 1, 3).reshape(B, L, -1), prev, w)
+                lasts.append(last)
+                outs.append(y.reshape(B, L, -1, D).transpose(0, 2, 1, 3))
+            q, k, v = outs
+        beta = None
+        if normalized:
+            q, k = silu_l2(q), silu_l2(k)
+            beta = fast.sigmoid(b.astype(mx.float32)).transpose(0, 2, 1)
+        return q, k, v, beta, lasts
+
+    return mx.compile(f) if compiled else f
 
 
 @lru_cache(maxsize=None)
