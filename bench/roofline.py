@@ -52,7 +52,6 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
 
 def build(name: str, method: str, segment_len: int):
     from mlx_lm.models import llama
-    from mlx_lm.models.cache import KVCache, RotatingKVCache
 
     import infini_mlx
 
@@ -76,14 +75,37 @@ def build(name: str, method: str, segment_len: int):
             model, _ = mlx_lm.load(str(path or Path(infini_mlx.__file__).parent / "default_model"))
         args = json.loads((Path(path or Path(infini_mlx.__file__).parent / "default_model") / "config.json").read_text())
     if method == "infini":
-        cache = model.make_cache()
-        window = cache[0].segment_len
-    elif method == "kv":
-        cache, window = [KVCache() for _ in model.layers], 0
+        window = model.make_cache()[0].segment_len
     else:
-        window = segment_len or 2048
-        cache = [RotatingKVCache(max_size=window, keep=4) for _ in model.layers]
-    return model, cache, args, window
+        window = 0 if method == "kv" else segment_len or 2048
+    return model, args, window
+
+
+def new_cache(model, method: str, window: int):
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    if method == "infini":
+        return model.make_cache()
+    if method == "kv":
+        return [KVCache() for _ in model.layers]
+    return [RotatingKVCache(max_size=window, keep=4) for _ in model.layers]
+
+
+def read(model, method: str, tokens, cache):
+    """Feed ``tokens``; the last token's logits. Infini: ``prefill``; mlx-lm caches: chunks of
+    512, the cache evaluated after each, as ``mlx_lm.generate_step`` prefills."""
+    import infini_mlx
+
+    # isort: split
+    import mlx.core as mx
+
+    if method == "infini":
+        return infini_mlx.prefill(model, tokens, cache)
+    for i in range(0, len(tokens), 512):
+        logits = model(mx.array(tokens[i : i + 512])[None], cache=cache)[0, -1]
+        mx.eval([c.state for c in cache])
+    mx.eval(logits)
+    return logits
 
 
 def flops(args, method, window, positions, logits: bool) -> float:
@@ -106,48 +128,30 @@ def flops(args, method, window, positions, logits: bool) -> float:
 def warm_up(model, method, window, V):
     """Read 2,048 tokens and decode 2 on a throwaway cache: compiled kernels are
     built and traced on first use, a one-time cost the timed run should not carry."""
-    from mlx_lm.models.cache import KVCache, RotatingKVCache
-
-    import infini_mlx
-
-    # isort: split
     import mlx.core as mx
 
-    tokens = mx.random.randint(0, V, (2048,), key=mx.random.key(2)).tolist()
-    if method == "infini":
-        cache = model.make_cache()
-        logits = infini_mlx.prefill(model, tokens, cache)
-    else:
-        cache = [KVCache() if method == "kv" else RotatingKVCache(max_size=window, keep=4) for _ in model.layers]
-        for i in range(0, len(tokens), 512):
-            logits = model(mx.array(tokens[i : i + 512])[None], cache=cache)[0, -1]
-        mx.eval(logits)
-    y = mx.argmax(logits)
+    cache = new_cache(model, method, window)
+    y = mx.argmax(read(model, method, mx.random.randint(0, V, (2048,), key=mx.random.key(2)).tolist(), cache))
     for _ in range(2):
         y = mx.argmax(model(y.reshape(1, 1), cache=cache)[0, -1])
         mx.eval(y)
 
 
 def run_one(name, method, length, decode, segment_len) -> dict:
-    import infini_mlx
+    import infini_mlx  # noqa: F401  OpenBLAS before MLX
 
     # isort: split
     import mlx.core as mx
 
-    model, cache, args, window = build(name, method, segment_len)
+    model, args, window = build(name, method, segment_len)
     V = args["vocab_size"]
     warm_up(model, method, window, V)
+    cache = new_cache(model, method, window)
     weights = mx.get_active_memory()
     mx.reset_peak_memory()
     tokens = mx.random.randint(0, V, (length,), key=mx.random.key(1)).tolist()
     tic = time.perf_counter()
-    if method == "infini":
-        logits = infini_mlx.prefill(model, tokens, cache)
-    else:
-        for i in range(0, length, 512):
-            logits = model(mx.array(tokens[i : i + 512])[None], cache=cache)[0, -1]
-            mx.eval([c.state for c in cache])
-        mx.eval(logits)
+    logits = read(model, method, tokens, cache)
     read_s = time.perf_counter() - tic
     y = mx.argmax(logits)
     mx.eval(y)
