@@ -22,19 +22,24 @@ BITS_100 = 0x42C80000  # 100.0f
 P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
 
 
+def _times_2n(x, e):
+    """e^x from e, the biased exponent n + 127 of its power of two (2^n e^r, r = x - n ln 2)."""
+    n = e.astype(mx.float32) - 127.0
+    r = x - n * LN2_HI - n * LN2_LO
+    r2 = r * r
+    p = (P[0] * r + P[1]) * (r2 * r2) + (P[2] * r + P[3]) * r2 + (P[4] * r + P[5])
+    return (p * r2 + r + 1.0) * mx.view(e << 23, mx.float32)
+
+
 @mx.custom_function
 def _exp(x):
     # Positive floats order as their bits: x above 100 (inf, NaN) becomes 100,
     # so that the float-to-int conversion below cannot overflow upwards.
     x = mx.view(mx.minimum(mx.view(x, mx.int32), BITS_100), mx.float32)
-    # Biased exponent n + 127, clamped in integers: 0 gives 0.0 and 254 lets
+    # Biased exponent clamped in integers: 0 gives 0.0 and 254 lets
     # 2^127 * e^r overflow to inf by itself.
     e = mx.minimum(mx.maximum((x * LOG2E + 127.5).astype(mx.int32), 0), 254)
-    n = e.astype(mx.float32) - 127.0
-    r = x - n * LN2_HI - n * LN2_LO
-    r2 = r * r
-    p = (P[0] * r + P[1]) * (r2 * r2) + (P[2] * r + P[3]) * r2 + (P[4] * r + P[5])
-    y = (p * r2 + r + 1.0) * mx.view(e << 23, mx.float32)
+    y = _times_2n(x, e)
     # Where e is 0, r is unbounded (inf, NaN): clear the bits.
     return mx.view(mx.view(y, mx.int32) & -mx.minimum(e, 1), mx.float32)
 
@@ -50,12 +55,7 @@ _cexp = mx.compile(_exp)
 @mx.custom_function
 def _exp_nonpos(x):
     # exp for -1e5 <= x <= 0 (softmax weights): no clamps, 3 kernels instead of 5.
-    e = mx.maximum((x * LOG2E + 127.5).astype(mx.int32), 0)
-    n = e.astype(mx.float32) - 127.0
-    r = x - n * LN2_HI - n * LN2_LO
-    r2 = r * r
-    p = (P[0] * r + P[1]) * (r2 * r2) + (P[2] * r + P[3]) * r2 + (P[4] * r + P[5])
-    return (p * r2 + r + 1.0) * mx.view(e << 23, mx.float32)
+    return _times_2n(x, mx.maximum((x * LOG2E + 127.5).astype(mx.int32), 0))
 
 
 _exp_nonpos.vjp(_exp_vjp)
@@ -83,11 +83,6 @@ def _swiglu(g, x):
     return g / (1.0 + _exp(-g)) * x
 
 
-@mx.compile
-def _exp_shifted(s, m):
-    return _exp(s - m)
-
-
 def on_cpu(x: mx.array) -> bool:
     return x.dtype == mx.float32 and mx.default_device() == mx.cpu
 
@@ -109,11 +104,12 @@ def silu(x):
     return _silu(x) if on_cpu(x) else nn.silu(x)
 
 
-def softmax(s, axis: int = -1):
+def softmax(s):
+    """Softmax over the last axis."""
     if not on_cpu(s):
-        return mx.softmax(s, axis=axis, precise=True)
-    e = _exp_shifted(s, mx.max(s, axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+        return mx.softmax(s, axis=-1, precise=True)
+    e, total = softmax_parts(s)
+    return e / total
 
 
 def softmax_parts(s, mask=None):
