@@ -18,6 +18,15 @@ def _ints(option: str, s: str):
     return [int(x) for x in parts]
 
 
+def _lengths(option: str, s: str):
+    from infini_mlx.passkey import parse_length
+
+    try:
+        return [parse_length(x) for x in s.split(",")]
+    except ValueError as e:
+        _check(option, False, str(e))
+
+
 def _pair(option: str, s: str):
     p = _ints(option, s)
     _check(option, len(p) == 2 and p[0] <= p[1], f"{s!r}: give min,max with min <= max, e.g. 1,4")
@@ -91,9 +100,18 @@ def train(
     checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 100,
     eval_every: Annotated[int, typer.Option(min=0, help="Steps between retrieval probes (0: off).")] = 0,
     eval_segments: Annotated[str, typer.Option(help="Segment counts the probe measures.")] = "2,8,32",
+    eval_passkey: Annotated[
+        Optional[str],
+        typer.Option(help="Prompt lengths (e.g. 32k,128k) at which each evaluation also runs greedy passkey retrieval."),
+    ] = None,
+    eval_trials: Annotated[int, typer.Option(min=1, help="Prompts per depth of --eval-passkey.")] = 4,
     carry_state: Annotated[
         float,
         typer.Option(min=0.0, max=1.0, help="Probability that a batch starts from the memory the last one ended with."),
+    ] = 0.0,
+    write_penalty: Annotated[
+        float,
+        typer.Option(min=0.0, help="Add this times the mean write strength of the normalised memory to the loss."),
     ] = 0.0,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the initial weights and the data stream.")] = 0,
     freeze_base: Annotated[
@@ -145,7 +163,10 @@ def train(
         checkpoint_every=checkpoint_every,
         eval_every=eval_every,
         eval_segments=_ints("--eval-segments", eval_segments),
+        eval_passkey=_lengths("--eval-passkey", eval_passkey) if eval_passkey else [],
+        eval_trials=eval_trials,
         carry_state=carry_state,
+        write_penalty=write_penalty,
         seed=seed,
         freeze_base=freeze_base,
         lora_rank=lora_rank,

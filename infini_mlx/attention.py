@@ -20,6 +20,7 @@ from .memory import (
     sigma,
     silu_l2,
     ungroup_heads,
+    write_strength,
 )
 
 # Parameters InfiniAttention adds to a base attention module (its own names).
@@ -155,10 +156,13 @@ class InfiniAttention(nn.Module):
                 prevs.append(cache.conv_state(name, B, cfg.conv_size, t.shape[1] * t.shape[-1], t.dtype))
                 ws.append(self[name[-1] + "_conv1d"].weight)
         # One decoded token: compiled, since its many small ops cost more than their math.
-        f = _memory_inputs_fn(bool(cfg.conv_size), normalized, L == 1 and normalized and bool(cfg.conv_size))
+        compiled = L == 1 and normalized and bool(cfg.conv_size)
+        f = _memory_inputs_fn(bool(cfg.conv_size), normalized and cfg.write_gate, compiled)
         q, k, v, beta, lasts = f(q, k, v, b, prevs, ws)
         if cfg.conv_size:
             cache.conv_q, cache.conv_k, cache.conv_v = lasts
+        if cache.write_log is not None and beta is not None:
+            cache.write_log.append(beta)
         return q, k, v, beta
 
     def _read_write(self, qm, km, vm, beta, cache: InfiniCache):
@@ -275,8 +279,11 @@ class InfiniAttention(nn.Module):
 
 
 @lru_cache(maxsize=None)
-def _memory_inputs_fn(conv: bool, normalized: bool, compiled: bool):
-    """(q, k, v, b, conv states, conv weights) -> the memory's q, k, v, beta and the next conv states."""
+def _memory_inputs_fn(conv: bool, write_gate, compiled: bool):
+    """(q, k, v, b, conv states, conv weights) -> the memory's q, k, v, beta and the next conv states.
+
+    ``write_gate``: the normalised memory's ``InfiniConfig.write_gate``; falsy for the paper's.
+    """
 
     def f(q, k, v, b, prevs, ws):
         lasts = []
@@ -290,9 +297,9 @@ def _memory_inputs_fn(conv: bool, normalized: bool, compiled: bool):
                 outs.append(y.reshape(B, L, -1, D).transpose(0, 2, 1, 3))
             q, k, v = outs
         beta = None
-        if normalized:
+        if write_gate:
             q, k = silu_l2(q), silu_l2(k)
-            beta = fast.sigmoid(b.astype(mx.float32)).transpose(0, 2, 1)
+            beta = write_strength(b, write_gate).transpose(0, 2, 1)
         return q, k, v, beta, lasts
 
     return mx.compile(f) if compiled else f

@@ -39,6 +39,8 @@ class InfiniCache(_BaseCache):
         self.keys = self.values = None
         self.M = self.z = self.dM = self.dz = None
         self.conv_q = self.conv_k = self.conv_v = None
+        # A list to which the layer appends its write strengths (training penalises them).
+        self.write_log = None
 
     # Position of the next token inside its segment.
     @property

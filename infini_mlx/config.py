@@ -16,6 +16,7 @@ _CHOICES = {
     "gate_act": ("sigmoid", "tanh", "hard_sigmoid", "tanh_abs"),
     "feature_map": ("elu1", "relu"),
     "memory": ("paper", "normalized"),
+    "write_gate": ("sigmoid", "clip"),
 }
 
 
@@ -67,6 +68,11 @@ class InfiniConfig:
             to the q, k and v that read and write the memory (0: none). Keys
             then carry the tokens just before them, which ordered recall
             needs. Local attention does not see it. Starts as the identity.
+        write_gate: How the normalised memory turns ``b_proj x_t`` into the
+            write strength beta_t: ``"sigmoid"`` (DeltaNet's), or ``"clip"``,
+            clip(0.5 + b / 4, 0, 1), the sigmoid's tangent at 0 (a deviation:
+            a token can write exactly nothing, so filler read for a million
+            tokens need not erase what a key wrote).
         memory_trained: Whether the memory was trained (the trainer records
             ``True`` once it has taken a step). ``None``: not recorded;
             ``infini_mlx.load`` then decides from the saved gates (see
@@ -86,6 +92,7 @@ class InfiniConfig:
     feature_map: str = "elu1"
     memory: str = "paper"
     conv_size: int = 0
+    write_gate: str = "sigmoid"
     memory_trained: Optional[bool] = None
 
     def __post_init__(self):

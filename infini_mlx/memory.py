@@ -89,6 +89,18 @@ def silu_l2(x: mx.array) -> mx.array:
     return _silu_l2_cpu(x) if fast.on_cpu(x) else l2_normalize(fast.silu(x))
 
 
+def write_strength(b: mx.array, gate: str = "sigmoid") -> mx.array:
+    """beta_t of the normalised memory from its logits ``b_proj x_t``, in float32.
+
+    ``"clip"``: clip(0.5 + b / 4, 0, 1) (the sigmoid's slope at 0), exactly 0
+    for b <= -2: such a token leaves the memory as it was.
+    """
+    b = b.astype(mx.float32)
+    if gate == "clip":
+        return mx.clip(0.5 + 0.25 * b, 0.0, 1.0)
+    return fast.sigmoid(b)
+
+
 def short_conv(x: mx.array, prev: mx.array, w: mx.array):
     """Causal depthwise convolution over time.
 

@@ -84,6 +84,15 @@ class TrainArgs:
         checkpoint_every: Steps between checkpoints.
         eval_every: Steps between retrieval evaluations (0: off).
         eval_segments: Segment counts at which retrieval is evaluated.
+        eval_passkey: Prompt lengths (tokens) at which each evaluation also
+            runs greedy passkey retrieval, as ``infini passkey`` does
+            (``eval_trials`` prompts per depth, start/middle/end): unlike the
+            teacher-forced probes, it still separates checkpoints at 128K.
+        eval_trials: Prompts per depth of ``eval_passkey``.
+        write_penalty: Add this times the mean write strength beta of the
+            normalised memory (over layers, heads and tokens) to the loss: the
+            model learns to write only what it will be asked (with
+            ``write_gate="clip"``, to write exactly nothing elsewhere).
         carry_state: Probability that a batch starts from the memory the
             previous batch ended with (no gradient through it) instead of an
             empty one: the model learns to read past earlier documents. Resuming
@@ -125,7 +134,10 @@ class TrainArgs:
     checkpoint_every: int = 100
     eval_every: int = 0
     eval_segments: List[int] = field(default_factory=lambda: [2, 8, 32])
+    eval_passkey: List[int] = field(default_factory=list)
+    eval_trials: int = 4
     carry_state: float = 0.0
+    write_penalty: float = 0.0
     seed: int = 0
     freeze_base: bool = False
     lora_rank: int = 0
@@ -392,15 +404,25 @@ def logits_at(model, x, idx, cache=None):
     return model.model.embed_tokens.as_linear(h)
 
 
-def weighted_loss(model, x, y, w, idx=None, cache=None):
+def weighted_loss(model, x, y, w, idx=None, cache=None, write_penalty=0.0):
     """Token cross-entropy weighted by ``w``, normalised by the total weight.
 
     With ``idx``, ``y`` and ``w`` hold only the targets at those positions;
     ``cache`` (one ``InfiniCache`` per layer) is the memory to start from.
+    With ``write_penalty``, the caches' ``write_log`` lists collect the write
+    strengths, and their mean times ``write_penalty`` is added.
     """
     logits = model(x, cache=cache) if idx is None else logits_at(model, x, idx, cache)
     ce = nn.losses.cross_entropy(logits, y)
-    return (ce * w).sum() / w.sum()
+    loss = (ce * w).sum() / w.sum()
+    if write_penalty:
+        loss = loss + write_penalty * mean_write_strength(cache)
+    return loss
+
+
+def mean_write_strength(cache) -> mx.array:
+    """Mean of the write strengths the caches' ``write_log`` lists collected."""
+    return mx.stack([b.mean() for c in cache for b in c.write_log]).mean()
 
 
 def clip_by_norm(grads, max_norm: float):
@@ -469,7 +491,23 @@ def probe_retrieval(model, batches: Batches, segments: List[int], trials: int = 
     return out
 
 
+def greedy_passkey(model, tokenizer, lengths: List[int], trials: int) -> Dict[str, float]:
+    """Greedy passkey exact match per length (start/middle/end pooled), as ``infini passkey`` measures."""
+    from .passkey import DEPTHS, format_length, passkey_eval
+
+    if not lengths:
+        return {}
+    rows = passkey_eval(model, tokenizer, lengths, DEPTHS, trials=trials, seed=12345, batch=3 * trials)
+    return {
+        f"greedy@{format_length(r['length'])}": float(np.mean([c["accuracy"] for c in r["cells"].values()]))
+        for r in rows
+    }
+
+
 # ---- the loop ----
+
+# Arguments a resumed run takes from its new call (they change neither the stream nor the model).
+EVAL_ARGS = ("eval_every", "eval_segments", "eval_passkey", "eval_trials")
 
 
 def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
@@ -478,7 +516,7 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
     If ``args.out/checkpoint`` exists the run resumes from it: weights,
     optimizer state, step and data RNG; the saved arguments are kept except
     ``steps`` (and the other knobs that do not change the stream or the
-    model's shape: ``checkpoint_every``, ``eval_every``, ``eval_segments``).
+    model's shape: ``checkpoint_every`` and the evaluation's).
     """
     run = Path(args.out)
     ckpt = run / CKPT
@@ -496,7 +534,7 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
     if ckpt.exists():
         trainer = json.loads((ckpt / "trainer.json").read_text())
         saved = TrainArgs.from_dict(trainer["args"])
-        for k in ("steps", "checkpoint_every", "eval_every", "eval_segments"):
+        for k in ("steps", "checkpoint_every", *EVAL_ARGS):
             setattr(saved, k, getattr(args, k))
         args = saved
         if args.lora_rank:
@@ -516,6 +554,8 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
     if not ckpt.exists() and not model.infini_config.memory_trained:
         start_gates(model, args.infini.get("gate_init", TRAIN_GATE_INIT))
     config["infini"] = model.infini_config.to_dict()
+    if args.write_penalty and model.infini_config.memory != "normalized":
+        raise ValueError("write_penalty needs the normalised memory (infini.memory = normalized)")
     if args.loss_positions and config["model_type"] not in SUBSAMPLED_TYPES:
         raise ValueError(f"loss_positions works for {', '.join(SUBSAMPLED_TYPES)} models only")
     if args.freeze_base or args.lora_rank:
@@ -544,7 +584,7 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
     loss_and_grad = nn.value_and_grad(model, weighted_loss)
 
     def step_fn(x, y, w, idx, cache):
-        loss, grads = loss_and_grad(model, x, y, w, idx, cache)
+        loss, grads = loss_and_grad(model, x, y, w, idx, cache, args.write_penalty)
         opt.update(model, clip_by_norm(grads, args.grad_clip))
         return loss
 
@@ -561,14 +601,18 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
         step = trainer["step"]
         x, y, w, idx = batches.next(step)
         cache = None
-        if args.carry_state:
+        if args.carry_state or args.write_penalty:
             cache = model.make_cache()
+        if args.carry_state:
             go_on = batches.rng.random() < args.carry_state
             if go_on and carried is not None and carried[0][0].shape[0] == x.shape[0]:
                 for c, (M, z) in zip(cache, carried):
                     c.M, c.z = M, z
+        if args.write_penalty:
+            for c in cache:
+                c.write_log = []
         loss = step_fn(x, y, w, idx, cache)
-        if cache is not None:
+        if args.carry_state:
             carried = [(mx.stop_gradient(c.M), None if c.z is None else mx.stop_gradient(c.z)) for c in cache]
         mx.eval(loss, model.parameters(), opt.state, carried)
         now, cpu = time.time(), time.process_time()
@@ -578,9 +622,12 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
         trainer["step"] = step + 1
         trainer["tokens"] += x.size
         rec = {"step": step + 1, "loss": loss.item(), "len": x.shape[1], "s": round(trainer["seconds"], 1)}
+        if args.write_penalty:
+            rec["beta"] = round(mean_write_strength(cache).item(), 4)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             model.eval()
             rec["probe"] = probe_retrieval(model, batches, args.eval_segments)
+            rec["probe"].update(greedy_passkey(model, tokenizer, args.eval_passkey, args.eval_trials))
             model.train()
             t_last, c_last = time.time(), time.process_time()
         trainer["log"].append(rec)

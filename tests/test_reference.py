@@ -60,7 +60,11 @@ def np_infini(x, Wq, Wk, Wv, Wo, beta, cfg, extra=None):
     normalized = cfg.get("memory") == "normalized"
     if normalized:
         qm, km = np_l2(np_silu(qm)), np_l2(np_silu(km))
-        wb = 1 / (1 + np.exp(-(x @ extra["b_proj"].T)))  # (B, L, HKV) write strengths
+        b = x @ extra["b_proj"].T
+        if cfg.get("write_gate") == "clip":  # (B, L, HKV) write strengths
+            wb = np.minimum(np.maximum(0.5 + b / 4, 0.0), 1.0)
+        else:
+            wb = 1 / (1 + np.exp(-b))
     # Which memory (KV head) each query head reads.
     kv_of = [h // R if cfg["gqa"] == "interleave" else h % HKV for h in range(H)]
     M = np.zeros((Bx, HKV, D, D))
@@ -123,6 +127,8 @@ CASES = [
     dict(update="delta", gqa="interleave", rope="segment", first="zero", conv=3),
     dict(update="delta", gqa="interleave", rope="segment", first="zero", memory="normalized"),
     dict(update="delta", gqa="tile", rope="absolute", first="zero", memory="normalized", conv=4),
+    dict(update="delta", gqa="interleave", rope="segment", first="zero", memory="normalized", conv=4,
+         write_gate="clip"),
 ]
 
 
@@ -150,6 +156,7 @@ def test_layer_matches_numpy_reference(case, cuts):
         first_segment=case["first"],
         memory=case.get("memory", "paper"),
         conv_size=case.get("conv", 0),
+        write_gate=case.get("write_gate", "sigmoid"),
     )
     layer = InfiniAttention(base, cfg)
     layer.gate = mx.random.normal((H,))
@@ -159,6 +166,7 @@ def test_layer_matches_numpy_reference(case, cuts):
             layer[name].weight = mx.random.normal(layer[name].weight.shape) * 0.7
         extra["conv"] = [np.array(layer[n].weight, np.float64) for n in ("q_conv1d", "k_conv1d", "v_conv1d")]
     if cfg.memory == "normalized":
+        # Logits of std ~3: the clip gate writes exactly 0 or 1 for many tokens.
         layer.b_proj.weight = mx.random.normal(layer.b_proj.weight.shape) * 0.5
         layer.o_norm.weight = 1 + mx.random.normal(layer.o_norm.weight.shape) * 0.3
         extra["b_proj"] = np.array(layer.b_proj.weight, np.float64)

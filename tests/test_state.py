@@ -15,7 +15,10 @@ N = 8
 
 
 @pytest.mark.parametrize(
-    "form", [{}, dict(conv_size=4), dict(memory="normalized", conv_size=3)], ids=str
+    "form",
+    [{}, dict(conv_size=4), dict(memory="normalized", conv_size=3),
+     dict(memory="normalized", conv_size=3, write_gate="clip")],
+    ids=str,
 )
 def test_round_trip_is_exact(tmp_path, form):
     model, _ = make_infini("llama", segment_len=N, **form)

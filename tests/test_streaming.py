@@ -33,6 +33,7 @@ FORMS = {
     "delta+conv": dict(update="delta", conv_size=4),
     "normalized": dict(memory="normalized"),
     "normalized+conv": dict(memory="normalized", conv_size=3),
+    "normalized+conv+clip": dict(memory="normalized", conv_size=3, write_gate="clip"),
 }
 
 

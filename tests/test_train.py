@@ -154,3 +154,26 @@ def test_fine_tuning_a_plain_model_opens_its_gates_and_records_the_training(tmp_
     a.steps = 1
     train(a, log=lambda s: None)
     assert load(tmp_path / "run" / "checkpoint" / "model")[0].infini_config.memory_trained is True
+
+
+
+def first_layer_beta(model_dir, tokenizer):
+    """Mean write strength of a saved model's first layer over a fixed passkey prompt, by hand."""
+    model, _ = load(model_dir)
+    x = mx.array(passkey_prompt(Pieces(tokenizer), 200, 0.3, 4242).array()[None])
+    layer = model.model.layers[0]
+    b = layer.self_attn.b_proj(layer.input_layernorm(model.model.embed_tokens(x)))
+    return mx.clip(0.5 + 0.25 * b, 0, 1).mean().item()
+
+
+def test_write_penalty_lowers_the_write_strengths(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
+    form = {"segment_len": 64, "memory": "normalized", "conv_size": 4, "write_gate": "clip"}
+    for name, penalty in (("free", 0.0), ("penalised", 5.0)):
+        a = args(tmp_path / name, tokenizer_dir, books_dir, steps=15, lr=3e-3, infini=form, write_penalty=penalty)
+        train(a, log=lambda s: None)
+    log = json.loads((tmp_path / "penalised" / "checkpoint" / "trainer.json").read_text())["log"]
+    # b_proj starts at zero: every token writes with 0.5 at the first step.
+    assert abs(log[0]["beta"] - 0.5) < 1e-6 and log[-1]["beta"] < 0.3, (log[0], log[-1])
+    free, penalised = (first_layer_beta(tmp_path / n / "checkpoint" / "model", default_tokenizer)
+                       for n in ("free", "penalised"))
+    assert penalised < 0.6 * free, (free, penalised)
