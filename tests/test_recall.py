@@ -10,6 +10,7 @@ which digits were written but not their order; this test fails then.
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 
 from infini_mlx import InfiniConfig
 from infini_mlx.train import TRAIN_GATE_INIT, TrainArgs, make_optimizer, new_model, weighted_loss
@@ -45,18 +46,26 @@ def exact_match(model, n_seg, trials=64):
     return mx.all(pred == y[:, -K:], axis=1).mean().item()
 
 
-def test_normalized_memory_with_conv_recalls_keys_in_order():
+# (write_gate, write_penalty): DeltaNet's sigmoid, and the shipped model's clip gate
+# trained to write sparsely.
+@pytest.mark.parametrize("gate,penalty", [("sigmoid", 0.0), ("clip", 0.1)], ids=["sigmoid", "clip+penalty"])
+def test_normalized_memory_with_conv_recalls_keys_in_order(gate, penalty):
     arch = dict(
         hidden_size=64, num_hidden_layers=2, intermediate_size=128,
         num_attention_heads=4, num_key_value_heads=4,
     )
-    infini = InfiniConfig(segment_len=N, memory="normalized", conv_size=4, gate_init=TRAIN_GATE_INIT)
+    infini = InfiniConfig(
+        segment_len=N, memory="normalized", conv_size=4, write_gate=gate, gate_init=TRAIN_GATE_INIT
+    )
     model, _ = new_model(arch, infini, V, seed=0)
     opt = make_optimizer(TrainArgs(out="-", lr=3e-3, warmup=20, weight_decay=0.0))
     loss_and_grad = nn.value_and_grad(model, weighted_loss)
     rng = np.random.default_rng(0)
     for _ in range(400):
-        loss, grads = loss_and_grad(model, *batch(rng, 16, 2, 4))
+        cache = model.make_cache()
+        for c in cache:
+            c.write_log = []
+        loss, grads = loss_and_grad(model, *batch(rng, 16, 2, 4), None, cache, penalty)
         opt.update(model, grads)
         mx.eval(loss, model.parameters(), opt.state)
     model.eval()
