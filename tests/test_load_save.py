@@ -104,9 +104,9 @@ def test_memory_trained_is_recorded_and_inferred_for_older_directories(tmp_path)
     mx.save_safetensors(str(tmp_path / "saved" / "infini.safetensors"), gates)
     assert memory_trained(tmp_path / "saved", saved["infini"])
     assert infini_mlx.load(tmp_path / "saved")[0].infini_config.memory_trained is True
-    # The embedded model was saved so.
+    # The embedded model records it.
     default = json.loads((DEFAULT_MODEL / "config.json").read_text())["infini"]
-    assert "memory_trained" not in default and memory_trained(DEFAULT_MODEL, default)
+    assert default["memory_trained"] is True and memory_trained(DEFAULT_MODEL, default)
 
 
 @pytest.mark.filterwarnings("ignore:the memory of")
