@@ -25,7 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_recall import N, V, batch, exact_match  # noqa: E402
 
 from infini_mlx import InfiniConfig  # noqa: E402
-from infini_mlx.train import TRAIN_GATE_INIT, TrainArgs, make_optimizer, new_model, weighted_loss  # noqa: E402
+from infini_mlx.train import (  # noqa: E402
+    TRAIN_GATE_INIT,
+    TrainArgs,
+    logged_cache,
+    make_optimizer,
+    new_model,
+    weighted_loss,
+)
 
 # name: (InfiniConfig options, write penalty)
 FORMS = {
@@ -57,10 +64,7 @@ def main():
         loss_and_grad = nn.value_and_grad(model, weighted_loss)
         rng, t0 = np.random.default_rng(0), time.time()
         for _ in range(a.steps):
-            cache = model.make_cache()
-            for c in cache:
-                c.write_log = []
-            loss, grads = loss_and_grad(model, *batch(rng, 16, 2, 4), None, cache, penalty)
+            loss, grads = loss_and_grad(model, *batch(rng, 16, 2, 4), None, logged_cache(model), penalty)
             opt.update(model, grads)
             mx.eval(loss, model.parameters(), opt.state)
         model.eval()

@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from infini_mlx.tasks import Pieces, info_line, passkey_prompt
+from infini_mlx.train import logged_cache
 
 KEY = 12345
 LENGTHS = {"4K": 4096, "32K": 32768, "128K": 131072, "1M": 1 << 20}
@@ -44,9 +45,7 @@ def main():
         attn = layer.self_attn
         f = attn._memory_inputs
         attn._memory_inputs = lambda *args, f=f: (lambda out: keys.append(out[1]) or out)(f(*args))
-    cache = model.make_cache()
-    for c in cache:
-        c.write_log = []
+    cache = logged_cache(model)
     mx.eval(model(mx.array(x)[None], cache=cache))
 
     period = len(pieces.garbage)

@@ -420,6 +420,14 @@ def weighted_loss(model, x, y, w, idx=None, cache=None, write_penalty=0.0):
     return loss
 
 
+def logged_cache(model):
+    """A fresh cache per layer whose ``write_log`` collects the write strengths (for ``write_penalty``)."""
+    cache = model.make_cache()
+    for c in cache:
+        c.write_log = []
+    return cache
+
+
 def mean_write_strength(cache) -> mx.array:
     """Mean of the write strengths the caches' ``write_log`` lists collected."""
     return mx.stack([b.mean() for c in cache for b in c.write_log]).mean()
@@ -602,15 +610,12 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
         x, y, w, idx = batches.next(step)
         cache = None
         if args.carry_state or args.write_penalty:
-            cache = model.make_cache()
+            cache = logged_cache(model) if args.write_penalty else model.make_cache()
         if args.carry_state:
             go_on = batches.rng.random() < args.carry_state
             if go_on and carried is not None and carried[0][0].shape[0] == x.shape[0]:
                 for c, (M, z) in zip(cache, carried):
                     c.M, c.z = M, z
-        if args.write_penalty:
-            for c in cache:
-                c.write_log = []
         loss = step_fn(x, y, w, idx, cache)
         if args.carry_state:
             carried = [(mx.stop_gradient(c.M), None if c.z is None else mx.stop_gradient(c.z)) for c in cache]

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from infini_mlx import InfiniConfig
-from infini_mlx.train import TRAIN_GATE_INIT, TrainArgs, make_optimizer, new_model, weighted_loss
+from infini_mlx.train import (
+    TRAIN_GATE_INIT,
+    TrainArgs,
+    logged_cache,
+    make_optimizer,
+    new_model,
+    weighted_loss,
+)
 
 V, N, K = 64, 16, 5
 DIGITS = np.arange(10, 20)
@@ -62,10 +69,7 @@ def test_normalized_memory_with_conv_recalls_keys_in_order(gate, penalty):
     loss_and_grad = nn.value_and_grad(model, weighted_loss)
     rng = np.random.default_rng(0)
     for _ in range(400):
-        cache = model.make_cache()
-        for c in cache:
-            c.write_log = []
-        loss, grads = loss_and_grad(model, *batch(rng, 16, 2, 4), None, cache, penalty)
+        loss, grads = loss_and_grad(model, *batch(rng, 16, 2, 4), None, logged_cache(model), penalty)
         opt.update(model, grads)
         mx.eval(loss, model.parameters(), opt.state)
     model.eval()
