@@ -24,7 +24,7 @@ from .memory import (
 )
 
 # Parameters InfiniAttention adds to a base attention module (its own names).
-NEW_PARAMETERS = ("gate", "q_conv1d", "k_conv1d", "v_conv1d", "b_proj", "o_norm")
+NEW_PARAMETERS = ("gate", "q_conv1d", "k_conv1d", "v_conv1d", "b_proj", "b_conv1d", "o_norm")
 
 
 def is_new_parameter(path: str, _=None) -> bool:
@@ -84,6 +84,8 @@ class InfiniAttention(nn.Module):
         if config.conv_size:
             W = config.conv_size - 1
             self.state_shapes.update(conv_q=(W, d_q), conv_k=(W, d_k), conv_v=(W, d_v))
+        if config.write_conv:
+            self.state_shapes.update(conv_b=(config.conv_size - 1, self.n_kv_heads))
         if config.conv_size:
             self.q_conv1d = ShortConv(d_q, config.conv_size)
             self.k_conv1d = ShortConv(d_k, config.conv_size)
@@ -92,6 +94,8 @@ class InfiniAttention(nn.Module):
             self.b_proj = nn.Linear(d_in, self.n_kv_heads, bias=False)
             self.b_proj.weight = mx.zeros_like(self.b_proj.weight)
             self.o_norm = nn.RMSNorm(d_v // self.n_kv_heads, eps=1e-6)
+        if config.write_conv:
+            self.b_conv1d = ShortConv(self.n_kv_heads, config.conv_size)
 
     def _project(self, x: mx.array):
         B, L, _ = x.shape
@@ -155,12 +159,17 @@ class InfiniAttention(nn.Module):
             for t, name in ((q, "conv_q"), (k, "conv_k"), (v, "conv_v")):
                 prevs.append(cache.conv_state(name, B, cfg.conv_size, t.shape[1] * t.shape[-1], t.dtype))
                 ws.append(self[name[-1] + "_conv1d"].weight)
+        if cfg.write_conv:
+            prevs.append(cache.conv_state("conv_b", B, cfg.conv_size, self.n_kv_heads, mx.float32))
+            ws.append(self.b_conv1d.weight)
         # One decoded token: compiled, since its many small ops cost more than their math.
         compiled = L == 1 and normalized and bool(cfg.conv_size)
-        f = _memory_inputs_fn(bool(cfg.conv_size), normalized and cfg.write_gate, compiled)
+        f = _memory_inputs_fn(bool(cfg.conv_size), normalized and cfg.write_gate, cfg.write_conv, compiled)
         q, k, v, beta, lasts = f(q, k, v, b, prevs, ws)
         if cfg.conv_size:
-            cache.conv_q, cache.conv_k, cache.conv_v = lasts
+            cache.conv_q, cache.conv_k, cache.conv_v = lasts[:3]
+        if cfg.write_conv:
+            cache.conv_b = lasts[3]
         if cache.write_log is not None and beta is not None:
             cache.write_log.append(beta)
         return q, k, v, beta
@@ -279,10 +288,11 @@ class InfiniAttention(nn.Module):
 
 
 @lru_cache(maxsize=None)
-def _memory_inputs_fn(conv: bool, write_gate, compiled: bool):
+def _memory_inputs_fn(conv: bool, write_gate, write_conv: bool, compiled: bool):
     """(q, k, v, b, conv states, conv weights) -> the memory's q, k, v, beta and the next conv states.
 
     ``write_gate``: the normalised memory's ``InfiniConfig.write_gate``; falsy for the paper's.
+    ``write_conv``: the fourth conv state and weight are the write logits'.
     """
 
     def f(q, k, v, b, prevs, ws):
@@ -290,7 +300,7 @@ def _memory_inputs_fn(conv: bool, write_gate, compiled: bool):
         if conv:
             B, _, L, _ = q.shape
             outs = []
-            for t, prev, w in zip((q, k, v), prevs, ws):
+            for t, prev, w in zip((q, k, v), prevs[:3], ws[:3]):
                 D = t.shape[-1]
                 y, last = short_conv(t.transpose(0, 2, 1, 3).reshape(B, L, -1), prev, w)
                 lasts.append(last)
@@ -299,6 +309,9 @@ def _memory_inputs_fn(conv: bool, write_gate, compiled: bool):
         beta = None
         if write_gate:
             q, k = silu_l2(q), silu_l2(k)
+            if write_conv:
+                b, last = short_conv(b.astype(mx.float32), prevs[3], ws[3])
+                lasts.append(last)
             beta = write_strength(b, write_gate).transpose(0, 2, 1)
         return q, k, v, beta, lasts
 

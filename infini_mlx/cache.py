@@ -9,7 +9,7 @@ from typing import Optional
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
 
-STATE_NAMES = ("keys", "values", "M", "z", "dM", "dz", "conv_q", "conv_k", "conv_v")
+STATE_NAMES = ("keys", "values", "M", "z", "dM", "dz", "conv_q", "conv_k", "conv_v", "conv_b")
 
 
 class InfiniCache(_BaseCache):
@@ -22,7 +22,8 @@ class InfiniCache(_BaseCache):
     once, when the segment is full. With the normalised memory there is no z,
     and ``dM`` is the memory after the segment's tokens so far, which replaces
     ``M`` at the fold. ``conv_q``/``conv_k``/``conv_v`` hold the last inputs of
-    the memory's short convolution, if the model has one.
+    the memory's short convolution, if the model has one, ``conv_b`` the last
+    write-strength logits (``InfiniConfig.write_conv``).
 
     Args:
         segment_len: Tokens per segment.
@@ -38,7 +39,7 @@ class InfiniCache(_BaseCache):
         self.offset = 0
         self.keys = self.values = None
         self.M = self.z = self.dM = self.dz = None
-        self.conv_q = self.conv_k = self.conv_v = None
+        self.conv_q = self.conv_k = self.conv_v = self.conv_b = None
         # A list to which the layer appends its write strengths (training penalises them).
         self.write_log = None
 

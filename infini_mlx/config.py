@@ -73,6 +73,12 @@ class InfiniConfig:
             clip(0.5 + b / 4, 0, 1), the sigmoid's tangent at 0 (a deviation:
             a token can write exactly nothing, so filler read for a million
             tokens need not erase what a key wrote).
+        write_conv: Pass the write strengths' logits ``b_proj x_t`` through a
+            causal convolution of ``conv_size`` taps per KV head
+            (``b_conv1d``, identity at first) before ``write_gate``, so
+            whether a token writes can depend on the tokens just before it
+            (a deviation: the "." that ends a key may write while the "." of
+            filler does not). Needs the normalised memory and ``conv_size``.
         memory_trained: Whether the memory was trained (the trainer records
             ``True`` once it has taken a step). ``None``: not recorded;
             ``infini_mlx.load`` then decides from the saved gates (see
@@ -93,6 +99,7 @@ class InfiniConfig:
     memory: str = "paper"
     conv_size: int = 0
     write_gate: str = "sigmoid"
+    write_conv: bool = False
     memory_trained: Optional[bool] = None
 
     def __post_init__(self):
@@ -106,6 +113,10 @@ class InfiniConfig:
             raise ValueError(f"infini.memory_trained must be true or false, got {self.memory_trained!r}")
         if self.memory_rope and (self.conv_size or self.memory == "normalized"):
             raise ValueError("memory_rope goes with the paper's memory and no convolution only")
+        if not isinstance(self.write_conv, bool):
+            raise ValueError(f"infini.write_conv must be true or false, got {self.write_conv!r}")
+        if self.write_conv and (self.memory != "normalized" or not self.conv_size):
+            raise ValueError("write_conv needs the normalized memory and a conv_size")
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(

@@ -72,6 +72,7 @@ def _check_arrays(path, arrays: Dict[str, mx.array], model: nn.Module, offset: i
     if offset:
         need = {"M", "z"} if cfg.memory == "paper" else {"M"}
         need |= {"conv_q", "conv_k", "conv_v"} if cfg.conv_size else set()
+        need |= {"conv_b"} if cfg.write_conv else set()
     if pos:
         need |= {"keys", "values", "dM", "dz"} if cfg.memory == "paper" else {"keys", "values", "dM"}
     rows = set()

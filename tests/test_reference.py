@@ -61,6 +61,8 @@ def np_infini(x, Wq, Wk, Wv, Wo, beta, cfg, extra=None):
     if normalized:
         qm, km = np_l2(np_silu(qm)), np_l2(np_silu(km))
         b = x @ extra["b_proj"].T
+        if "b_conv" in extra:  # write logits over the last conv taps, per KV head
+            b = np_conv(b, extra["b_conv"])
         if cfg.get("write_gate") == "clip":  # (B, L, HKV) write strengths
             wb = np.minimum(np.maximum(0.5 + b / 4, 0.0), 1.0)
         else:
@@ -129,6 +131,8 @@ CASES = [
     dict(update="delta", gqa="tile", rope="absolute", first="zero", memory="normalized", conv=4),
     dict(update="delta", gqa="interleave", rope="segment", first="zero", memory="normalized", conv=4,
          write_gate="clip"),
+    dict(update="delta", gqa="interleave", rope="segment", first="zero", memory="normalized", conv=4,
+         write_gate="clip", write_conv=True),
 ]
 
 
@@ -157,6 +161,7 @@ def test_layer_matches_numpy_reference(case, cuts):
         memory=case.get("memory", "paper"),
         conv_size=case.get("conv", 0),
         write_gate=case.get("write_gate", "sigmoid"),
+        write_conv=case.get("write_conv", False),
     )
     layer = InfiniAttention(base, cfg)
     layer.gate = mx.random.normal((H,))
@@ -171,6 +176,9 @@ def test_layer_matches_numpy_reference(case, cuts):
         layer.o_norm.weight = 1 + mx.random.normal(layer.o_norm.weight.shape) * 0.3
         extra["b_proj"] = np.array(layer.b_proj.weight, np.float64)
         extra["o_norm"] = np.array(layer.o_norm.weight, np.float64)
+    if cfg.write_conv:
+        layer.b_conv1d.weight = mx.random.normal(layer.b_conv1d.weight.shape)
+        extra["b_conv"] = np.array(layer.b_conv1d.weight, np.float64)
     x = mx.random.normal((B, L, DIM))
 
     cache = InfiniCache(N, cfg.memory)

@@ -34,6 +34,7 @@ FORMS = {
     "normalized": dict(memory="normalized"),
     "normalized+conv": dict(memory="normalized", conv_size=3),
     "normalized+conv+clip": dict(memory="normalized", conv_size=3, write_gate="clip"),
+    "normalized+conv+clip+write_conv": dict(memory="normalized", conv_size=3, write_gate="clip", write_conv=True),
 }
 
 
