@@ -43,6 +43,10 @@ FORMS = {
     "normalized + conv + penalty": ({"memory": "normalized", "conv_size": 4}, 0.1),
     "normalized + conv + clip": ({"memory": "normalized", "conv_size": 4, "write_gate": "clip"}, 0.0),
     "normalized + conv + clip + penalty": ({"memory": "normalized", "conv_size": 4, "write_gate": "clip"}, 0.1),
+    "normalized + conv + clip + write_conv": (
+        {"memory": "normalized", "conv_size": 4, "write_gate": "clip", "write_conv": True}, 0.0),
+    "normalized + conv + clip + write_conv + penalty": (
+        {"memory": "normalized", "conv_size": 4, "write_gate": "clip", "write_conv": True}, 0.1),
 }
 
 
@@ -55,7 +59,7 @@ def main():
     segments = [int(n) for n in a.segments.split(",")]
     arch = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                 num_attention_heads=4, num_key_value_heads=4)
-    print(f"{'form':<35} " + " ".join(f"{f'{n} seg':>7}" for n in segments) + f" {'seconds':>8}")
+    print(f"{'form':<47} " + " ".join(f"{f'{n} seg':>7}" for n in segments) + f" {'seconds':>8}")
     for name in a.forms.split(","):
         form, penalty = FORMS[name.strip()]
         # Gates open at 0, as `infini train` starts an untrained memory (not the -12 of upcycling).
@@ -69,7 +73,7 @@ def main():
             mx.eval(loss, model.parameters(), opt.state)
         model.eval()
         acc = [exact_match(model, n) for n in segments]
-        print(f"{name.strip():<35} " + " ".join(f"{x:>7.0%}" for x in acc) + f" {time.time() - t0:>8.0f}", flush=True)
+        print(f"{name.strip():<47} " + " ".join(f"{x:>7.0%}" for x in acc) + f" {time.time() - t0:>8.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python bench/write_strengths.py                   # the embedded model
     python bench/write_strengths.py --model DIR
+    python bench/write_strengths.py --tokens          # also each key-line token's strength
 
 One passkey prompt (4K tokens, key at depth 0.1) is read in one call. Per layer
 and head: the share of filler tokens written with strength exactly 0, the mean
@@ -9,7 +10,8 @@ strength on filler and on the key line, and how many of the head's key
 directions one period of filler (27 tokens) leaves above 10% after 4K, 32K,
 128K and 1M tokens of it: the eigenvalues of the product of (I - b k k^T) over
 the period, raised to the number of periods. A stored key survives long filler
-only in those directions.
+only in those directions. ``--tokens`` adds, per token of the key line, the
+largest strength over each layer's heads (does the "." that ends the key write?).
 """
 
 import argparse
@@ -30,9 +32,11 @@ LENGTHS = {"4K": 4096, "32K": 32768, "128K": 131072, "1M": 1 << 20}
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+    p.add_argument("--tokens", action="store_true", help="also print each key-line token's strength per layer")
     a = p.parse_args()
     model, tok = infini_mlx.load(a.model)
-    if model.infini_config.memory != "normalized":
+    cfg = model.infini_config
+    if cfg.memory != "normalized":
         raise SystemExit("error: this measures the normalised memory (infini.memory = normalized)")
     pieces = Pieces(tok)
     x = passkey_prompt(pieces, 4096, 0.1, KEY).array()
@@ -50,7 +54,7 @@ def main():
 
     period = len(pieces.garbage)
     fill = slice(2000, 3000)  # filler after the key line
-    print(f"model: {a.model or 'embedded'}, write_gate {model.infini_config.write_gate}")
+    print(f"model: {a.model or 'embedded'}, write_gate {cfg.write_gate}, write_conv {cfg.write_conv}")
     print("layer head  zero  b filler  b key line  directions kept: " + " ".join(f"{n:>5}" for n in LENGTHS))
     for li, (c, k) in enumerate(zip(cache, keys)):
         beta, K = np.array(c.write_log[0][0]), np.array(k[0])
@@ -64,6 +68,13 @@ def main():
                 f"{li:>5} {h:>4} {np.mean(beta[h, fill] == 0):5.2f} {beta[h, fill].mean():9.3f}"
                 f" {beta[h, at : at + len(info)].mean():11.3f}  {'':16}" + " ".join(f"{n:>5}" for n in kept)
             )
+
+    if a.tokens:
+        names = tok.convert_ids_to_tokens([int(t) for t in info])
+        print("\nkey-line token  " + " ".join(f"{'layer ' + str(i):>8}" for i in range(len(cache))))
+        for j, name in enumerate(names):
+            row = [np.array(c.write_log[0][0])[:, at + j].max() for c in cache]
+            print(f"{name!r:<15} " + " ".join(f"{b:8.3f}" for b in row))
 
 
 if __name__ == "__main__":
