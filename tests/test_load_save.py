@@ -62,6 +62,11 @@ def test_new_memory_parameters_round_trip_and_fine_tuning_switch(tmp_path):
     again, _ = infini_mlx.load(tmp_path / "out")
     assert mx.array_equal(again(tokens), expected)
     assert mx.array_equal(again.layers[0].self_attn.k_conv1d.weight, a.k_conv1d.weight)
+    # write_conv switched on for fine-tuning: its convolution starts as the identity.
+    conv, _ = infini_mlx.load(tmp_path / "out", infini={"write_conv": True})
+    assert mx.allclose(conv(tokens), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="write_conv needs"):
+        infini_mlx.load(tmp_path / "base", infini={"write_conv": True})
 
     # A saved paper-form model fine-tuned with the new options: those start fresh.
     paper, tok, config = infini_mlx.load(tmp_path / "base", infini={"segment_len": 8}, return_config=True)
