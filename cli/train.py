@@ -92,6 +92,10 @@ def train(
     ] = 0,
     lr: Annotated[float, typer.Option(help="Learning rate of the body (AdamW).")] = 1e-3,
     gate_lr: Annotated[float, typer.Option(help="Learning rate of the gates (Adam, no weight decay).")] = 1e-2,
+    memory_lr: Annotated[
+        Optional[float],
+        typer.Option(help="Learning rate of the memory's convolutions, write strengths and read-out norm (default: --lr)."),
+    ] = None,
     weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay of the body.")] = 0.01,
     warmup: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 50,
     decay_steps: Annotated[
@@ -140,6 +144,7 @@ def train(
 
     _check("--lr", lr > 0, f"{lr} is not a learning rate: a number > 0")
     _check("--gate-lr", gate_lr > 0, f"{gate_lr} is not a learning rate: a number > 0")
+    _check("--memory-lr", memory_lr is None or memory_lr > 0, f"{memory_lr} is not a learning rate: a number > 0")
     _check("--model", model is not None or not (freeze_base or lora_rank), "--freeze-base and --lora-rank fine-tune a --model")
     args = TrainArgs(
         out=str(out),
@@ -157,6 +162,7 @@ def train(
         loss_positions=loss_positions,
         lr=lr,
         gate_lr=gate_lr,
+        memory_lr=memory_lr,
         weight_decay=weight_decay,
         warmup=warmup,
         decay_steps=decay_steps,

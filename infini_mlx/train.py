@@ -77,6 +77,11 @@ class TrainArgs:
             every answer token plus a random sample of the rest (0: all). The
             softmax over the vocabulary is most of a small model's step on CPU.
         lr, gate_lr: Learning rates of the body (AdamW) and the gates (Adam).
+        memory_lr: Learning rate of the memory's other new parameters
+            (convolutions, write strengths, read-out norm; Adam, no decay);
+            ``None``: ``lr``. A parameter switched on in a trained model (e.g.
+            ``write_conv``'s taps, which start as the identity) moves at most
+            about the learning rate per step.
         weight_decay: AdamW weight decay (never applied to the gates).
         warmup: Linear warm-up steps.
         decay_steps: Cosine decay to 10% over this many steps (0: constant).
@@ -127,6 +132,7 @@ class TrainArgs:
     loss_positions: int = 0
     lr: float = 1e-3
     gate_lr: float = 1e-2
+    memory_lr: Optional[float] = None
     weight_decay: float = 0.01
     warmup: int = 50
     decay_steps: int = 0
@@ -379,12 +385,12 @@ def make_optimizer(args: TrainArgs):
         return optim.join_schedules([warm, rest], [args.warmup])
 
     # Gates: their own rate; the memory's other new parameters (convolutions, write
-    # strengths, read-out norm): the body's rate without decay, which would pull
+    # strengths, read-out norm): memory_lr (default: the body's) without decay, which would pull
     # the convolutions away from their identity start; the rest: AdamW.
     return optim.MultiOptimizer(
         [
             optim.Adam(learning_rate=schedule(args.gate_lr)),
-            optim.Adam(learning_rate=schedule(args.lr)),
+            optim.Adam(learning_rate=schedule(args.memory_lr or args.lr)),
             optim.AdamW(learning_rate=schedule(args.lr), weight_decay=args.weight_decay),
         ],
         [is_gate, is_new_parameter],
