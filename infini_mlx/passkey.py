@@ -174,16 +174,23 @@ def _cells(model, tokenizer, make_prompt, lengths, depths, trials, batch, seed, 
             rng = np.random.default_rng([seed, L, int(round(d * 1e6))])
             prompts += [(name, make_prompt(L, d, rng)) for _ in range(trials)]
         hits = {name: [] for name in depths}
+        misses = {name: [] for name in depths}
         for i in range(0, len(prompts), batch):
             chunk = prompts[i : i + batch]
             cache, logits = prefill_batch(model, [p.tokens() for _, p in chunk], L)
             got = greedy_answers(model, tokenizer, cache, logits)
             for g, (name, p) in zip(got, chunk):
                 hits[name].append(g == p.answer)
+                if g != p.answer:
+                    misses[name].append({"key": p.answer, "answer": g})
             toks += L * len(chunk)
             del cache, logits
         for name in depths:
-            row["cells"][name] = {"accuracy": float(np.mean(hits[name])), "trials": len(hits[name])}
+            row["cells"][name] = {
+                "accuracy": float(np.mean(hits[name])),
+                "trials": len(hits[name]),
+                "misses": misses[name],  # what was asked and what came back (None: no number)
+            }
             if progress:
                 progress(f"{format_length(L)} {name}: {np.mean(hits[name]):.0%} ({len(hits[name])} trials)")
         dt = time.time() - t0

@@ -154,6 +154,9 @@ def test_passkey_command(tmp_path):
     assert [x["length"] for x in r["passkey"]] == [300, 1024]
     cells = r["passkey"][0]["cells"]
     assert set(cells) == {"start", "end"} and cells["start"]["trials"] == 3
+    for c in (c for row in r["passkey"] for c in row["cells"].values()):  # every miss, with what came back
+        assert len(c["misses"]) == round(c["trials"] * (1 - c["accuracy"]))
+        assert all(1 <= m["key"] <= 50000 and m["answer"] != m["key"] for m in c["misses"])
     assert all(x["peak_memory_mb"] > 0 and x["tokens_per_s"] > 0 for x in r["passkey"])
     img = _read_png(tmp_path / "r.png")
     assert img.shape[0] > 100 and img.shape[1] > 100 and img.dtype == np.uint8
