@@ -117,6 +117,10 @@ def train(
         float,
         typer.Option(min=0.0, help="Add this times the mean write strength of the normalised memory to the loss."),
     ] = 0.0,
+    key_digits: Annotated[
+        str,
+        typer.Option(help="Training keys: 'paper' (1-50,000, as evaluated) or 'uniform' (1-5 digits equally often)."),
+    ] = "paper",
     seed: Annotated[int, typer.Option(min=0, help="Seed of the initial weights and the data stream.")] = 0,
     freeze_base: Annotated[
         bool,
@@ -144,6 +148,7 @@ def train(
 
     _check("--lr", lr > 0, f"{lr} is not a learning rate: a number > 0")
     _check("--gate-lr", gate_lr > 0, f"{gate_lr} is not a learning rate: a number > 0")
+    _check("--key-digits", key_digits in ("paper", "uniform"), f"{key_digits!r} is not 'paper' or 'uniform'")
     _check("--memory-lr", memory_lr is None or memory_lr > 0, f"{memory_lr} is not a learning rate: a number > 0")
     _check("--model", model is not None or not (freeze_base or lora_rank), "--freeze-base and --lora-rank fine-tune a --model")
     args = TrainArgs(
@@ -163,6 +168,7 @@ def train(
         lr=lr,
         gate_lr=gate_lr,
         memory_lr=memory_lr,
+        key_digits=key_digits,
         weight_decay=weight_decay,
         warmup=warmup,
         decay_steps=decay_steps,

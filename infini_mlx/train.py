@@ -98,6 +98,11 @@ class TrainArgs:
             normalised memory (over layers, heads and tokens) to the loss: the
             model learns to write only what it will be asked (with
             ``write_gate="clip"``, to write exactly nothing elsewhere).
+        key_digits: How training keys (passkeys, needle values) are drawn:
+            ``"paper"``, uniformly from 1-50,000 as the evaluation does (80%
+            have 5 digits), or ``"uniform"``: first a length of 1-5 digits,
+            then a key of that length, so a key's end is not guessable from
+            its length.
         carry_state: Probability that a batch starts from the memory the
             previous batch ended with (no gradient through it) instead of an
             empty one: the model learns to read past earlier documents. Resuming
@@ -144,6 +149,7 @@ class TrainArgs:
     eval_trials: int = 4
     carry_state: float = 0.0
     write_penalty: float = 0.0
+    key_digits: str = "paper"
     seed: int = 0
     freeze_base: bool = False
     lora_rank: int = 0
@@ -208,6 +214,8 @@ class Batches:
         unknown = set(args.mix) - set(TASKS)
         if unknown:
             raise ValueError(f"unknown tasks in the mix: {sorted(unknown)}; known: {TASKS}")
+        if args.key_digits not in ("paper", "uniform"):
+            raise ValueError(f"key_digits must be 'paper' or 'uniform', got {args.key_digits!r}")
         tasks = [t for t, p in args.mix.items() if p > 0]
         p = np.array([args.mix[t] for t in tasks], dtype=np.float64)
         self.tasks, self.p = tasks, p / p.sum()
@@ -220,6 +228,13 @@ class Batches:
             lo = round(lo + f * (a.segments_final[0] - lo))
             hi = round(hi + f * (a.segments_final[1] - hi))
         return lo, hi
+
+    def key(self) -> int:
+        """A passkey or needle value, drawn as ``args.key_digits`` says."""
+        if self.args.key_digits == "uniform":
+            n = int(self.rng.integers(1, 6))
+            return int(self.rng.integers(10 ** (n - 1), min(10**n - 1, MAX_PASSKEY) + 1))
+        return int(self.rng.integers(1, MAX_PASSKEY + 1))
 
     def answer(self, value: int) -> List[int]:
         return self.pieces.word(f"{value}.")
@@ -237,7 +252,7 @@ class Batches:
         return toks, w[1:], len(chunks[-1][0])
 
     def passkey(self, T: int, depth: Optional[float] = None):
-        key = int(self.rng.integers(1, MAX_PASSKEY + 1))
+        key = self.key()
         depth = self.rng.random() if depth is None else depth
         ans = self.answer(key)
         toks, w, n = self._sample([(passkey_prompt(self.pieces, T - len(ans), depth, key).array(), False), (ans, True)])
@@ -249,7 +264,7 @@ class Batches:
 
     def qa(self, T: int):
         """A passkey line hidden in book text, then the question as ``infini query`` asks it."""
-        key = int(self.rng.integers(1, MAX_PASSKEY + 1))
+        key = self.key()
         info = self.pieces.word(info_line(key))
         q = self.pieces.enc("\n\n" + plain_question("What is the pass key?"))
         ans = self.answer(key)
@@ -266,7 +281,7 @@ class Batches:
         r = self.rng
         n_facts = max(1, min(n_facts, (T - 40) // 45))  # fewer facts in short sequences
         names = r.choice(len(NEEDLE_NAMES), n_facts, replace=False)
-        facts = [(NEEDLE_NAMES[i], int(r.integers(1, MAX_PASSKEY + 1))) for i in names]
+        facts = [(NEEDLE_NAMES[i], self.key()) for i in names]
         order = r.permutation(n_facts)
         more = []
         for i in order[1:]:
@@ -282,7 +297,7 @@ class Batches:
         """Passkey lines back to back: every key's second mention is a copy target."""
         toks, marks = [], []
         while len(toks) < T:
-            key = int(self.rng.integers(1, MAX_PASSKEY + 1))
+            key = self.key()
             line = self.pieces.line(info_line(key)) + self.pieces.nl
             is_digit = np.isin(line, self.pieces.digits)
             toks += line
@@ -324,7 +339,7 @@ class Batches:
         N, lines = self.N, []
         block = list(self.pieces.bos)
         while True:
-            line = self.pieces.line(info_line(int(self.rng.integers(1, MAX_PASSKEY + 1)))) + self.pieces.nl
+            line = self.pieces.line(info_line(self.key())) + self.pieces.nl
             if len(block) + len(line) > N:
                 break
             block += line

@@ -28,6 +28,8 @@ def test_train_command(tmp_path, tokenizer_dir, books_dir):
     assert r.exit_code != 0 and "'x' is not a length" in r.output
     r = CliRunner().invoke(app, base + ["--steps", "3", "--memory-lr", "0"])
     assert r.exit_code != 0 and "--memory-lr" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, base + ["--steps", "3", "--key-digits", "x"])
+    assert r.exit_code != 0 and "--key-digits" in r.output and "Traceback" not in r.output
     # A resumed run takes its evaluation from the new call: greedy passkey at 256 tokens at step 3.
     more = ["--eval-every", "3", "--eval-segments", "2", "--eval-passkey", "256", "--eval-trials", "1"]
     r = CliRunner().invoke(app, base + ["--steps", "3", "--export", str(tmp_path / "m")] + more)
