@@ -142,6 +142,7 @@ def load(
             raise ValueError(
                 f"{gates_file} lacks {len(missing)} Infini parameters, e.g. {min(missing)}"
             )
+        gates = _widen_convs(gates, saved.conv_size, cfg.conv_size)
         model.load_weights(list(gates.items()), strict=False)
         if cfg.memory_trained is None:
             cfg.memory_trained = _gates_moved(gates, saved.gate_init)
@@ -159,6 +160,23 @@ def load(
     if return_config:
         return model, tokenizer, config
     return model, tokenizer
+
+
+def _widen_convs(gates: Dict[str, mx.array], saved: int, size: int) -> Dict[str, mx.array]:
+    """Saved convolutions of ``saved`` taps as ``size`` taps: zeros before the oldest tap.
+
+    A wider window for fine-tuning starts as the same function (the last tap is
+    the current token); a narrower one would drop learned taps and is refused.
+    """
+    if not saved or size == saved:
+        return gates
+    if size < saved:
+        raise ValueError(f"conv_size {size} is narrower than the saved model's {saved}")
+    pad = size - saved
+    return {
+        k: mx.pad(v, [(0, 0), (pad, 0)]) if k.endswith("_conv1d.weight") else v
+        for k, v in gates.items()
+    }
 
 
 @contextmanager

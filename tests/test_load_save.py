@@ -67,6 +67,12 @@ def test_new_memory_parameters_round_trip_and_fine_tuning_switch(tmp_path):
     assert mx.allclose(conv(tokens), expected, atol=1e-5)
     with pytest.raises(ValueError, match="write_conv needs"):
         infini_mlx.load(tmp_path / "base", infini={"write_conv": True})
+    # A wider window for fine-tuning: the saved taps are the newest ones, the model unchanged.
+    wide, _ = infini_mlx.load(tmp_path / "out", infini={"conv_size": 7})
+    assert wide.layers[0].self_attn.k_conv1d.weight.shape == (a.k_conv1d.weight.shape[0], 7)
+    assert mx.allclose(wide(tokens), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="narrower"):
+        infini_mlx.load(tmp_path / "out", infini={"conv_size": 2})
 
     # A saved paper-form model fine-tuned with the new options: those start fresh.
     paper, tok, config = infini_mlx.load(tmp_path / "base", infini={"segment_len": 8}, return_config=True)
