@@ -1,0 +1,37 @@
+"""Save a copy of a model whose memory is switched off in some layers.
+
+Those layers' gate logits are set to -30 (sigmoid ~1e-13: local attention only);
+under Adam a gate that far out barely moves, so fine-tuning keeps them local.
+
+    python scripts/local_layers.py MODEL OUT --layers 1,2
+"""
+
+import argparse
+
+import infini_mlx  # noqa: F401  OpenBLAS before MLX
+
+# isort: split
+import mlx.core as mx
+
+from infini_mlx.utils import load, save
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", help="model directory (infini-mlx)")
+    p.add_argument("out", help="new directory")
+    p.add_argument("--layers", required=True, help="comma-separated layer indices")
+    p.add_argument("--logit", type=float, default=-30.0)
+    a = p.parse_args()
+    model, tok, config = load(a.model, return_config=True)
+    if model.infini_config.gate_weights != "memory":
+        raise SystemExit("error: only gate_weights 'memory' models (the gate weighs the memory)")
+    for i in map(int, a.layers.split(",")):
+        attn = model.layers[i].self_attn
+        attn.gate = mx.full(attn.gate.shape, a.logit, mx.float32)
+    save(a.out, model, tok, config)
+    print(f"wrote {a.out}: layers {a.layers} local (gate logit {a.logit:g})")
+
+
+if __name__ == "__main__":
+    main()
