@@ -8,12 +8,10 @@ under Adam a gate that far out barely moves, so fine-tuning keeps them local.
 
 import argparse
 
-import infini_mlx  # noqa: F401  OpenBLAS before MLX
+from infini_mlx import load, save  # first: OpenBLAS before MLX
 
 # isort: split
 import mlx.core as mx
-
-from infini_mlx.utils import load, save
 
 
 def main():
