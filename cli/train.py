@@ -121,6 +121,10 @@ def train(
         str,
         typer.Option(help="Training keys: 'paper' (1-50,000, as evaluated) or 'uniform' (1-5 digits equally often)."),
     ] = "paper",
+    needle_shared: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Probability that a needle's values share their first digits (keys by name)."),
+    ] = 0.0,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the initial weights and the data stream.")] = 0,
     freeze_base: Annotated[
         bool,
@@ -169,6 +173,7 @@ def train(
         gate_lr=gate_lr,
         memory_lr=memory_lr,
         key_digits=key_digits,
+        needle_shared=needle_shared,
         weight_decay=weight_decay,
         warmup=warmup,
         decay_steps=decay_steps,

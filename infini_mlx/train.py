@@ -103,6 +103,10 @@ class TrainArgs:
             have 5 digits), or ``"uniform"``: first a length of 1-5 digits,
             then a key of that length, so a key's end is not guessable from
             its length.
+        needle_shared: Probability that a needle sequence's values share
+            their first digits (from one to all but the last) with one drawn
+            value: the next digit then depends on the name, not on the digits
+            before it, so the memory must key every digit by the name.
         carry_state: Probability that a batch starts from the memory the
             previous batch ended with (no gradient through it) instead of an
             empty one: the model learns to read past earlier documents. Resuming
@@ -150,6 +154,7 @@ class TrainArgs:
     carry_state: float = 0.0
     write_penalty: float = 0.0
     key_digits: str = "paper"
+    needle_shared: float = 0.0
     seed: int = 0
     freeze_base: bool = False
     lora_rank: int = 0
@@ -236,6 +241,24 @@ class Batches:
             return int(self.rng.integers(10 ** (n - 1), min(10**n - 1, MAX_PASSKEY) + 1))
         return int(self.rng.integers(1, MAX_PASSKEY + 1))
 
+    def needle_values(self, n: int) -> List[int]:
+        """``n`` distinct needle values; with ``needle_shared``, of one length and one prefix."""
+        if self.rng.random() >= self.args.needle_shared:
+            return [self.key() for _ in range(n)]
+        first = str(self.key())
+        while len(first) < 2:
+            first = str(self.key())
+        k = int(self.rng.integers(1, len(first)))  # digits shared
+        out = {first}
+        for _ in range(100 * n):
+            if len(out) == n:
+                break
+            tail = self.rng.integers(0, 10, len(first) - k)
+            out.add(first[:k] + "".join(map(str, tail)))
+        vals = [int(v) for v in out]
+        vals += [self.key() for _ in range(n - len(vals))]  # too few tails (e.g. one free digit)
+        return [vals[i] for i in self.rng.permutation(n)]
+
     def answer(self, value: int) -> List[int]:
         return self.pieces.word(f"{value}.")
 
@@ -281,7 +304,7 @@ class Batches:
         r = self.rng
         n_facts = max(1, min(n_facts, (T - 40) // 45))  # fewer facts in short sequences
         names = r.choice(len(NEEDLE_NAMES), n_facts, replace=False)
-        facts = [(NEEDLE_NAMES[i], self.key()) for i in names]
+        facts = list(zip((NEEDLE_NAMES[i] for i in names), self.needle_values(n_facts)))
         order = r.permutation(n_facts)
         more = []
         for i in order[1:]:

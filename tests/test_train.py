@@ -206,3 +206,23 @@ def test_uniform_key_digits_make_every_key_length_equally_likely(tmp_path, token
     assert re.search(r"pass key is \d{1,5}\.", text)
     with pytest.raises(ValueError, match="key_digits"):
         Batches(default_tokenizer, np.zeros(10, np.int32), args(tmp_path, tokenizer_dir, books_dir, key_digits="x"), 64)
+
+
+def test_shared_needle_values_differ_only_after_a_common_prefix(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
+    from infini_mlx.data import book_tokens
+    from infini_mlx.train import Batches
+
+    books = np.array(book_tokens(default_tokenizer, books_dir, ["alice_in_wonderland_pg11.txt"]), np.int32)
+
+    def fact_values(shared):
+        b = Batches(default_tokenizer, books, args(tmp_path, tokenizer_dir, books_dir, needle_shared=shared), 64)
+        for _ in range(30):
+            text = default_tokenizer.decode(b.needle(8 * 64 + 1)[0].tolist())
+            yield [v for _, v in re.findall(r"special code for (\w+) is (\d+)\.", text)]
+
+    for vals in fact_values(1.0):
+        assert len(vals) == 2 * 4 and len(set(vals)) == 4  # four facts, each asked once
+        assert len({len(v) for v in vals}) == 1 and len({v[0] for v in vals}) == 1, vals
+    # Drawn independently, four values rarely share their first digit and length.
+    same = [len({(len(v), v[0]) for v in vals}) == 1 for vals in fact_values(0.0)]
+    assert sum(same) < 5
