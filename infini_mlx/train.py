@@ -11,7 +11,7 @@ data RNG and log, so a run resumes exactly where it stopped.
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -522,12 +522,14 @@ def load_optimizer_state(opt, path: Path):
 def probe_retrieval(model, batches: Batches, segments: List[int], trials: int = 8) -> Dict[str, float]:
     """Teacher-forced exact match of passkey and needle answers at several segment counts.
 
-    Uses its own RNG so the training stream is untouched.
+    Uses its own RNG so the training stream is untouched, and the evaluation's
+    keys (``key_digits="paper"``, no ``needle_shared``) whatever the training draws.
     """
     from .passkey import teacher_forced_match
 
-    saved = batches.rng
+    saved, saved_args = batches.rng, batches.args
     batches.rng = np.random.default_rng(12345)
+    batches.args = replace(saved_args, key_digits="paper", needle_shared=0.0)
     out = {}
     try:
         for n in segments:
@@ -539,7 +541,7 @@ def probe_retrieval(model, batches: Batches, segments: List[int], trials: int = 
                 ok = teacher_forced_match(model, [r[0] for r in rows], [r[2] for r in rows])
                 out[f"{task}@{n}"] = float(np.mean(ok))
     finally:
-        batches.rng = saved
+        batches.rng, batches.args = saved, saved_args
     return out
 
 

@@ -226,3 +226,22 @@ def test_shared_needle_values_differ_only_after_a_common_prefix(tmp_path, tokeni
     # Drawn independently, four values rarely share their first digit and length.
     same = [len({(len(v), v[0]) for v in vals}) == 1 for vals in fact_values(0.0)]
     assert sum(same) < 5
+
+
+
+def test_probes_draw_the_evaluations_keys_whatever_the_training_draws(
+    tmp_path, tokenizer_dir, books_dir, default_tokenizer, monkeypatch
+):
+    import infini_mlx.passkey as pk
+    from infini_mlx.train import Batches, probe_retrieval
+
+    seen = []
+    monkeypatch.setattr(pk, "teacher_forced_match", lambda m, rows, n: seen.append(rows) or [True] * len(rows))
+    books = np.arange(20000, dtype=np.int32) % 3000 + 10
+    for kw in ({}, {"needle_shared": 1.0, "key_digits": "uniform"}):
+        a = args(tmp_path, tokenizer_dir, books_dir, mix={"passkey": 0.5, "needle": 0.5}, **kw)
+        b = Batches(default_tokenizer, books, a, 64)
+        probe_retrieval(None, b, [8], trials=4)
+        assert b.args is a
+    plain, trained = seen[:2], seen[2:]
+    assert all(np.array_equal(x, y) for p, q in zip(plain, trained) for x, y in zip(p, q))
