@@ -113,6 +113,10 @@ def train(
         float,
         typer.Option(min=0.0, max=1.0, help="Probability that a batch starts from the memory the last one ended with."),
     ] = 0.0,
+    carry_ask: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="With a carried memory, probability that a row asks a fact it holds from earlier batches."),
+    ] = 0.0,
     write_penalty: Annotated[
         float,
         typer.Option(min=0.0, help="Add this times the mean write strength of the normalised memory to the loss."),
@@ -183,6 +187,7 @@ def train(
         eval_passkey=_lengths("--eval-passkey", eval_passkey) if eval_passkey else [],
         eval_trials=eval_trials,
         carry_state=carry_state,
+        carry_ask=carry_ask,
         write_penalty=write_penalty,
         seed=seed,
         freeze_base=freeze_base,

@@ -111,6 +111,12 @@ class TrainArgs:
             previous batch ended with (no gradient through it) instead of an
             empty one: the model learns to read past earlier documents. Resuming
             starts the first batch empty.
+        carry_ask: With a carried memory, the probability that a row ends
+            by asking one of the facts of the last needle that row's memory
+            holds (written one or more batches before): the only loss that
+            reaches the writes of text read after a fact, so the model learns
+            to keep facts through long stretches of prose (a deviation from
+            the paper's training). Needs ``carry_state``.
         seed: Seeds the initial weights and the data stream.
         freeze_base: Train only the parameters Infini adds (gates and the
             memory's own: convolutions, write strengths, read-out norm) of
@@ -152,6 +158,7 @@ class TrainArgs:
     eval_passkey: List[int] = field(default_factory=list)
     eval_trials: int = 4
     carry_state: float = 0.0
+    carry_ask: float = 0.0
     write_penalty: float = 0.0
     key_digits: str = "paper"
     needle_shared: float = 0.0
@@ -221,6 +228,11 @@ class Batches:
             raise ValueError(f"unknown tasks in the mix: {sorted(unknown)}; known: {TASKS}")
         if args.key_digits not in ("paper", "uniform"):
             raise ValueError(f"key_digits must be 'paper' or 'uniform', got {args.key_digits!r}")
+        if args.carry_ask and not args.carry_state:
+            raise ValueError("carry_ask asks what a carried memory holds: it needs carry_state")
+        # Per row: the facts of the last needle its memory holds (carry_ask).
+        self.held: List[Optional[List[tuple]]] = [None] * args.batch_size
+        self._facts = None
         tasks = [t for t, p in args.mix.items() if p > 0]
         p = np.array([args.mix[t] for t in tasks], dtype=np.float64)
         self.tasks, self.p = tasks, p / p.sum()
@@ -305,6 +317,7 @@ class Batches:
         n_facts = max(1, min(n_facts, (T - 40) // 45))  # fewer facts in short sequences
         names = r.choice(len(NEEDLE_NAMES), n_facts, replace=False)
         facts = list(zip((NEEDLE_NAMES[i] for i in names), self.needle_values(n_facts)))
+        self._facts = facts
         order = r.permutation(n_facts)
         more = []
         for i in order[1:]:
@@ -380,10 +393,14 @@ class Batches:
         w[rep[1:]] = self.args.answer_weight
         return toks, w, 0
 
-    def next(self, step: int):
+    def next(self, step: int, carried: bool = False):
+        """A batch; ``carried``: it starts from the last batch's memory (for ``carry_ask``)."""
         lo, hi = self.segment_range(step)
         T = int(self.rng.integers(lo, hi + 1)) * self.N + 1
-        rows = [getattr(self, self.rng.choice(self.tasks, p=self.p))(T) for _ in range(self.args.batch_size)]
+        if not self.args.carry_ask:
+            rows = [getattr(self, self.rng.choice(self.tasks, p=self.p))(T) for _ in range(self.args.batch_size)]
+        else:
+            rows = [self._row(r, T, carried) for r in range(self.args.batch_size)]
         toks = np.stack([r[0] for r in rows])
         w = np.stack([r[1] for r in rows])
         x, y = toks[:, :-1], toks[:, 1:]
@@ -393,6 +410,23 @@ class Batches:
         idx = np.stack([self._positions(row) for row in w])
         y, w = np.take_along_axis(y, idx, 1), np.take_along_axis(w, idx, 1)
         return mx.array(x), mx.array(y), mx.array(w), mx.array(idx)
+
+    def _row(self, r: int, T: int, carried: bool):
+        """Row ``r``'s sample, ending, sometimes, with a question on a fact its memory holds."""
+        task = self.rng.choice(self.tasks, p=self.p)
+        held = self.held[r] if carried else None
+        ask = []
+        if held and self.rng.random() < self.args.carry_ask:
+            name, value = held[int(self.rng.integers(len(held)))]
+            ask = [(self.pieces.nl + self.pieces.line(needle_question(name)), False), (self.answer(value), True)]
+        self._facts = None
+        toks, w, n = getattr(self, task)(T - sum(len(c) for c, _ in ask))
+        self.held[r] = self._facts or held
+        if not ask:
+            return toks, w, n
+        t2, w2, n = self._sample(ask)
+        # The first question token is a target of the task's last token.
+        return np.concatenate([toks, t2]), np.concatenate([w, [1.0], w2]).astype(np.float32), n
 
     def _positions(self, w: np.ndarray) -> np.ndarray:
         """``loss_positions`` targets of a row: its answers first, then random others."""
@@ -653,13 +687,18 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
     t_last, c_last = time.time(), time.process_time()
     while trainer["step"] < args.steps:
         step = trainer["step"]
-        x, y, w, idx = batches.next(step)
+        go_on = False
+        if args.carry_ask:  # drawn first: the batch may ask what the carried memory holds
+            go_on = batches.rng.random() < args.carry_state and carried is not None
+        x, y, w, idx = batches.next(step, carried=go_on)
+        if args.carry_state and not args.carry_ask:  # (after the batch, as runs before carry_ask drew it)
+            go_on = batches.rng.random() < args.carry_state
         cache = None
         if args.carry_state or args.write_penalty:
             cache = logged_cache(model) if args.write_penalty else model.make_cache()
         if args.carry_state:
-            go_on = batches.rng.random() < args.carry_state
-            if go_on and carried is not None and carried[0][0].shape[0] == x.shape[0]:
+            go_on = go_on and carried is not None and carried[0][0].shape[0] == x.shape[0]
+            if go_on:
                 for c, (M, z) in zip(cache, carried):
                     c.M, c.z = M, z
         loss = step_fn(x, y, w, idx, cache)

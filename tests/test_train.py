@@ -245,3 +245,49 @@ def test_probes_draw_the_evaluations_keys_whatever_the_training_draws(
         assert b.args is a
     plain, trained = seen[:2], seen[2:]
     assert all(np.array_equal(x, y) for p, q in zip(plain, trained) for x, y in zip(p, q))
+
+
+def test_carried_rows_ask_the_facts_their_memory_holds(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
+    from infini_mlx.data import book_tokens
+    from infini_mlx.train import Batches
+
+    books = np.array(book_tokens(default_tokenizer, books_dir, ["alice_in_wonderland_pg11.txt"]), np.int32)
+    a = args(tmp_path, tokenizer_dir, books_dir, batch_size=6, segments=[3, 3], carry_state=1.0, carry_ask=1.0,
+             mix={"needle": 0.5, "lm": 0.5})
+    b = Batches(default_tokenizer, books, a, 64)
+    fact = re.compile(r"(?:^|\n)The special code for (\w+) is (\d+)\.")  # fact lines, not answers
+    asked = re.compile(r"What is the special code for (\w+)\? The special code for \1 is (\d+)\.$")
+    held, n_asked = [None] * 6, 0
+    for step in range(6):
+        carried = step % 3 != 0  # every third batch starts from an empty memory
+        x, y, w, _ = b.next(step, carried=carried)
+        rows = np.concatenate([np.array(x), np.array(y)[:, -1:]], 1)
+        assert rows.shape[1] == 3 * 64 + 1
+        for r in range(6):
+            text = default_tokenizer.decode(rows[r].tolist())
+            q = asked.search(text)
+            if not carried or held[r] is None:
+                assert q is None or q.group(1) in dict(fact.findall(text)), text[-200:]
+            if q and q.group(1) not in dict(fact.findall(text)):
+                # A question on an earlier batch's fact: the value that row's last needle wrote.
+                assert held[r][q.group(1)] == q.group(2)
+                n_ans = len(default_tokenizer.encode(" " + q.group(2) + ".", add_special_tokens=False))
+                assert np.all(np.array(w)[r, -n_ans:] == a.answer_weight)
+                n_asked += 1
+            facts = dict(fact.findall(text))
+            if facts:
+                held[r] = facts
+            elif not carried:
+                held[r] = None
+    assert n_asked >= 4
+    with pytest.raises(ValueError, match="carry_state"):
+        Batches(default_tokenizer, books, args(tmp_path, tokenizer_dir, books_dir, carry_ask=0.5), 64)
+
+
+def test_a_run_with_carried_questions_trains(tmp_path, tokenizer_dir, books_dir):
+    lines = []
+    a = args(tmp_path, tokenizer_dir, books_dir, steps=6, carry_state=1.0, carry_ask=1.0,
+             mix={"needle": 0.5, "lm": 0.5}, infini={"segment_len": 64, "memory": "normalized"}, write_penalty=0.1)
+    train(a, log=lines.append)
+    log = [json.loads(s) for s in lines[1:]]
+    assert len(log) == 6 and all(np.isfinite(r["loss"]) for r in log)
