@@ -232,7 +232,7 @@ class Batches:
             raise ValueError("carry_ask asks what a carried memory holds: it needs carry_state")
         # Per row: the facts of the last needle its memory holds (carry_ask).
         self.held: List[Optional[List[tuple]]] = [None] * args.batch_size
-        self._facts = None
+        self._facts, self._avoid = None, None
         tasks = [t for t, p in args.mix.items() if p > 0]
         p = np.array([args.mix[t] for t in tasks], dtype=np.float64)
         self.tasks, self.p = tasks, p / p.sum()
@@ -315,7 +315,10 @@ class Batches:
         """Facts in book text, then every fact asked and answered, in random order."""
         r = self.rng
         n_facts = max(1, min(n_facts, (T - 40) // 45))  # fewer facts in short sequences
-        names = r.choice(len(NEEDLE_NAMES), n_facts, replace=False)
+        if self._avoid:  # a name asked at the end must keep its earlier value
+            names = r.choice([i for i, s in enumerate(NEEDLE_NAMES) if s != self._avoid], n_facts, replace=False)
+        else:
+            names = r.choice(len(NEEDLE_NAMES), n_facts, replace=False)
         facts = list(zip((NEEDLE_NAMES[i] for i in names), self.needle_values(n_facts)))
         self._facts = facts
         order = r.permutation(n_facts)
@@ -419,8 +422,9 @@ class Batches:
         if held and self.rng.random() < self.args.carry_ask:
             name, value = held[int(self.rng.integers(len(held)))]
             ask = [(self.pieces.nl + self.pieces.line(needle_question(name)), False), (self.answer(value), True)]
-        self._facts = None
+        self._facts, self._avoid = None, (name if ask else None)
         toks, w, n = getattr(self, task)(T - sum(len(c) for c, _ in ask))
+        self._avoid = None
         self.held[r] = self._facts or held
         if not ask:
             return toks, w, n
