@@ -1,0 +1,60 @@
+"""Needle recall by prompt length and number of facts: does a fact fade, or do facts collide?
+
+    python bench/needle_facts.py                                  # the embedded model
+    python bench/needle_facts.py --model DIR --lengths 1k,32k --facts 1,4 --trials 20
+
+The prompts of ``infini passkey --needle`` (book text of the training books,
+"The special code for <name> is <value>." lines at random depths, one asked),
+with 1 to 4 facts. One fact at every length separates fading (text read after
+a fact erases it) from interference (four facts in a short prompt); a miss
+that answers another fact's value is counted apart. Seeded by length and
+number of facts, so models are compared on the same prompts.
+"""
+
+import argparse
+
+import infini_mlx
+
+# isort: split
+import numpy as np
+
+from infini_mlx.data import BOOKS_DIR, TRAIN_BOOKS, book_text
+from infini_mlx.passkey import format_length, greedy_answers, parse_length, prefill_batch
+from infini_mlx.tasks import MAX_PASSKEY, NEEDLE_NAMES, Pieces, needle_prompt
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+    p.add_argument("--lengths", default="1k,4k,32k", help="prompt lengths in tokens")
+    p.add_argument("--facts", default="1,4", help="numbers of facts per prompt")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--batch", type=int, default=10)
+    a = p.parse_args()
+    model, tok = infini_mlx.load(a.model)
+    pieces = Pieces(tok)
+    text = "\n".join(book_text(BOOKS_DIR / b) for b in TRAIN_BOOKS[::-1])
+    hay = np.array(tok.encode(text, add_special_tokens=False), np.int32)
+    print(f"{'length':>7} {'facts':>5} {'exact':>6} {'another fact':>13} trials")
+    for L in map(parse_length, a.lengths.split(",")):
+        for nf in map(int, a.facts.split(",")):
+            rng = np.random.default_rng([0, L, nf])
+            prompts = []
+            for _ in range(a.trials):
+                names = rng.choice(len(NEEDLE_NAMES), nf, replace=False)
+                facts = [(NEEDLE_NAMES[i], int(rng.integers(1, MAX_PASSKEY + 1))) for i in names]
+                start, ask = int(rng.integers(0, len(hay) - L)), int(rng.integers(nf))
+                prompts.append((facts, needle_prompt(pieces, hay, L, facts, rng.random(nf), ask, start)))
+            hit = other = 0
+            for i in range(0, a.trials, a.batch):
+                chunk = prompts[i : i + a.batch]
+                cache, logits = prefill_batch(model, [q.tokens() for _, q in chunk], L)
+                for got, (facts, q) in zip(greedy_answers(model, tok, cache, logits), chunk):
+                    hit += got == q.answer
+                    other += got != q.answer and got in [v for _, v in facts]
+            n = a.trials
+            print(f"{format_length(L):>7} {nf:>5} {hit / n:>6.0%} {other / n:>13.0%} {n:>6}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
