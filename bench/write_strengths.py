@@ -3,6 +3,7 @@
     python bench/write_strengths.py                   # the embedded model
     python bench/write_strengths.py --model DIR
     python bench/write_strengths.py --tokens          # also each key-line token's strength
+    python bench/write_strengths.py --book moby_dick_pg2701.txt   # also on book text
 
 One passkey prompt (4K tokens, key at depth 0.1) is read in one call. Per layer
 and head: the share of filler tokens written with strength exactly 0, the mean
@@ -12,6 +13,8 @@ directions one period of filler (27 tokens) leaves above 10% after 4K, 32K,
 the period, raised to the number of periods. A stored key survives long filler
 only in those directions. ``--tokens`` adds, per token of the key line, the
 largest strength over each layer's heads (does the "." that ends the key write?).
+``--book`` adds, per layer, the share of 4,096 tokens of that book (from its
+20,000th token on) written with a strength above 0, and their mean strength.
 """
 
 import argparse
@@ -22,6 +25,7 @@ import infini_mlx
 import mlx.core as mx
 import numpy as np
 
+from infini_mlx.data import BOOKS_DIR, book_text
 from infini_mlx.tasks import Pieces, info_line, passkey_prompt
 from infini_mlx.train import logged_cache
 
@@ -33,6 +37,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
     p.add_argument("--tokens", action="store_true", help="also print each key-line token's strength per layer")
+    p.add_argument("--book", help="also measure on 4,096 tokens of this book (a file name in the books folder)")
     a = p.parse_args()
     model, tok = infini_mlx.load(a.model)
     cfg = model.infini_config
@@ -75,6 +80,15 @@ def main():
         for j, name in enumerate(names):
             row = [np.array(c.write_log[0][0])[:, at + j].max() for c in cache]
             print(f"{name!r:<15} " + " ".join(f"{b:8.3f}" for b in row))
+
+    if a.book:
+        ids = tok.encode(book_text(BOOKS_DIR / a.book), add_special_tokens=False)[20000 : 20000 + 4096]
+        cache = logged_cache(model)
+        mx.eval(model(mx.array(ids)[None], cache=cache))
+        print(f"\n{a.book}, {len(ids)} tokens\nlayer  written  mean b")
+        for li, c in enumerate(cache):
+            beta = np.array(c.write_log[0][0])
+            print(f"{li:>5} {np.mean(beta > 0):8.3f} {beta.mean():7.3f}")
 
 
 if __name__ == "__main__":
