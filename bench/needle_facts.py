@@ -18,8 +18,13 @@ import infini_mlx
 # isort: split
 import numpy as np
 
-from infini_mlx.data import BOOKS_DIR, TRAIN_BOOKS, book_text
-from infini_mlx.passkey import format_length, greedy_answers, parse_length, prefill_batch
+from infini_mlx.passkey import (
+    format_length,
+    greedy_answers,
+    needle_hay,
+    parse_length,
+    prefill_batch,
+)
 from infini_mlx.tasks import MAX_PASSKEY, NEEDLE_NAMES, Pieces, needle_prompt
 
 
@@ -33,8 +38,7 @@ def main():
     a = p.parse_args()
     model, tok = infini_mlx.load(a.model)
     pieces = Pieces(tok)
-    text = "\n".join(book_text(BOOKS_DIR / b) for b in TRAIN_BOOKS[::-1])
-    hay = np.array(tok.encode(text, add_special_tokens=False), np.int32)
+    hay = needle_hay(tok)
     print(f"{'length':>7} {'facts':>5} {'exact':>6} {'another fact':>13} trials")
     for L in map(parse_length, a.lengths.split(",")):
         for nf in map(int, a.facts.split(",")):

@@ -238,6 +238,12 @@ def passkey_eval(
     return _cells(model, tokenizer, make, lengths, depths, trials, batch, seed, progress)
 
 
+def needle_hay(tokenizer, books_dir: Path = BOOKS_DIR) -> np.ndarray:
+    """The text needles hide in: the training books (never the held-out ones), tokenized."""
+    text = "\n".join(book_text(Path(books_dir) / b) for b in TRAIN_BOOKS[::-1])
+    return np.array(tokenizer.encode(text, add_special_tokens=False), np.int32)
+
+
 def needle_eval(
     model,
     tokenizer,
@@ -255,13 +261,7 @@ def needle_eval(
     held-out ones); the depth column is "random".
     """
     pieces = Pieces(tokenizer)
-    hay = np.array(
-        tokenizer.encode(
-            "\n".join(book_text(Path(books_dir) / b) for b in TRAIN_BOOKS[::-1]),
-            add_special_tokens=False,
-        ),
-        np.int32,
-    )
+    hay = needle_hay(tokenizer, books_dir)
 
     def make(L, _, rng):
         names = rng.choice(len(NEEDLE_NAMES), n_facts, replace=False)
