@@ -482,7 +482,8 @@ class InfiniSession:
     def stream_ask(self, question: str, **kwargs) -> Iterator[str]:
         """Answer a question about what was read, yielding text as it is generated.
 
-        The answer starts at its first non-blank text.
+        The answer starts at its first non-blank text; a plain (non-chat)
+        model's answer ends at its first line break.
 
         Args:
             question: The question.
@@ -492,9 +493,11 @@ class InfiniSession:
         plain = self.meta["prompt_format"] != "chat"
         if self.strategy == "notes":
             ask = plain_question(question) if plain else N.ANSWER.format(question=question)
-            yield from self._from_notes(ask, **kwargs)
-            return
-        yield from self._generate(plain_question(question) if plain else question, **kwargs)
+            chunks = self._from_notes(ask, **kwargs)
+        else:
+            chunks = self._generate(plain_question(question) if plain else question, **kwargs)
+        # A plain model's answer is its first line: "Question: ...\nAnswer: ..." ends there.
+        yield from _first_line(chunks) if plain else chunks
 
     def stream_summarize(self, **kwargs) -> Iterator[str]:
         """Summarize what was read, yielding text as it is generated (see ``stream_ask``).
@@ -514,3 +517,14 @@ class InfiniSession:
     def summarize(self, **kwargs) -> str:
         """Summarize what was read (see ``stream_ask`` for the options)."""
         return "".join(self.stream_summarize(**kwargs))
+
+
+def _first_line(chunks: Iterator[str]) -> Iterator[str]:
+    """The chunks up to the first line break (generation stops there)."""
+    for t in chunks:
+        if "\n" in t:
+            head = t.split("\n", 1)[0].rstrip()
+            if head:
+                yield head
+            return
+        yield t

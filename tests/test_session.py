@@ -88,6 +88,22 @@ def test_questions_are_answered_from_a_copy(tiny):
         assert all((a is None and b is None) or mx.array_equal(a, b) for a, b in zip(c.state, saved))
 
 
+def test_a_plain_models_answer_ends_at_its_line_break(tiny, monkeypatch):
+    session = InfiniSession.load(tiny)
+    session.read(book(50, seed=2))
+    asked = []
+
+    def generate(instruction, **kwargs):
+        asked.append(instruction)
+        yield from ["27", "992", "\nWhat is", " the special"]
+
+    monkeypatch.setattr(session, "_generate", generate)
+    assert session.ask("What is the pass key?") == "27992"
+    assert asked == ["Question: What is the pass key?\nAnswer:"]
+    session.meta["prompt_format"] = "chat"  # a chat model's answer runs to its end of turn
+    assert session.ask("Why?") == "27992\nWhat is the special"
+
+
 def test_save_and_restore(tiny, tmp_path):
     session = InfiniSession.load(tiny)
     session.read(book(203, seed=3))  # ends inside a segment: pending keys are saved too
@@ -120,7 +136,7 @@ def test_answers_start_at_their_first_word(tiny, monkeypatch):
     session = InfiniSession.load(tiny)
     session.read(book(40, seed=3))
     monkeypatch.setattr(infini_mlx.session, "stream_generate", stream)
-    assert session.ask("Who?") == "Alice went\n"
+    assert session.ask("Who?") == "Alice went"  # and ends at its line break
     assert list(session.stream_summarize()) == ["Alice", " went", "\n"]
 
 
