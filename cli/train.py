@@ -117,6 +117,10 @@ def train(
         float,
         typer.Option(min=0.0, max=1.0, help="With a carried memory, probability that a row asks a fact it holds from earlier batches."),
     ] = 0.0,
+    carry_ask_chain: Annotated[
+        bool,
+        typer.Option(help="--carry-ask asks any fact written since the memory was last empty, not only the last needle's."),
+    ] = False,
     write_penalty: Annotated[
         float,
         typer.Option(min=0.0, help="Add this times the mean write strength of the normalised memory to the loss."),
@@ -188,6 +192,7 @@ def train(
         eval_trials=eval_trials,
         carry_state=carry_state,
         carry_ask=carry_ask,
+        carry_ask_chain=carry_ask_chain,
         write_penalty=write_penalty,
         seed=seed,
         freeze_base=freeze_base,

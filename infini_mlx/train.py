@@ -117,6 +117,10 @@ class TrainArgs:
             reaches the writes of text read after a fact, so the model learns
             to keep facts through long stretches of prose (a deviation from
             the paper's training). Needs ``carry_state``.
+        carry_ask_chain: ``carry_ask`` asks any fact written since the
+            memory was last empty (a name written again: its newest value),
+            not only the last needle's: facts held over longer stretches of
+            text, among more others, as in the multi-key needle evaluation.
         seed: Seeds the initial weights and the data stream.
         freeze_base: Train only the parameters Infini adds (gates and the
             memory's own: convolutions, write strengths, read-out norm) of
@@ -159,6 +163,7 @@ class TrainArgs:
     eval_trials: int = 4
     carry_state: float = 0.0
     carry_ask: float = 0.0
+    carry_ask_chain: bool = False
     write_penalty: float = 0.0
     key_digits: str = "paper"
     needle_shared: float = 0.0
@@ -230,8 +235,8 @@ class Batches:
             raise ValueError(f"key_digits must be 'paper' or 'uniform', got {args.key_digits!r}")
         if args.carry_ask and not args.carry_state:
             raise ValueError("carry_ask asks what a carried memory holds: it needs carry_state")
-        # Per row: the facts of the last needle its memory holds (carry_ask).
-        self.held: List[Optional[List[tuple]]] = [None] * args.batch_size
+        # Per row: the facts its memory holds, name -> value (carry_ask).
+        self.held: List[Optional[Dict[str, int]]] = [None] * args.batch_size
         self._facts, self._avoid = None, None
         tasks = [t for t, p in args.mix.items() if p > 0]
         p = np.array([args.mix[t] for t in tasks], dtype=np.float64)
@@ -420,12 +425,15 @@ class Batches:
         held = self.held[r] if carried else None
         ask = []
         if held and self.rng.random() < self.args.carry_ask:
-            name, value = held[int(self.rng.integers(len(held)))]
+            name, value = list(held.items())[int(self.rng.integers(len(held)))]
             ask = [(self.pieces.nl + self.pieces.line(needle_question(name)), False), (self.answer(value), True)]
         self._facts, self._avoid = None, (name if ask else None)
         toks, w, n = getattr(self, task)(T - sum(len(c) for c, _ in ask))
         self._avoid = None
-        self.held[r] = self._facts or held
+        if self._facts and self.args.carry_ask_chain:
+            self.held[r] = {**(held or {}), **dict(self._facts)}
+        else:
+            self.held[r] = dict(self._facts) if self._facts else held
         if not ask:
             return toks, w, n
         t2, w2, n = self._sample(ask)

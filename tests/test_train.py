@@ -247,7 +247,8 @@ def test_probes_draw_the_evaluations_keys_whatever_the_training_draws(
     assert all(np.array_equal(x, y) for p, q in zip(plain, trained) for x, y in zip(p, q))
 
 
-def test_carried_rows_ask_the_facts_their_memory_holds(tmp_path, tokenizer_dir, books_dir, default_tokenizer, monkeypatch):
+@pytest.mark.parametrize("chain", [False, True])
+def test_carried_rows_ask_the_facts_their_memory_holds(tmp_path, tokenizer_dir, books_dir, default_tokenizer, monkeypatch, chain):
     import infini_mlx.train as tr
     from infini_mlx.data import book_tokens
     from infini_mlx.train import Batches
@@ -256,11 +257,11 @@ def test_carried_rows_ask_the_facts_their_memory_holds(tmp_path, tokenizer_dir, 
 
     books = np.array(book_tokens(default_tokenizer, books_dir, ["alice_in_wonderland_pg11.txt"]), np.int32)
     a = args(tmp_path, tokenizer_dir, books_dir, batch_size=6, segments=[3, 3], carry_state=1.0, carry_ask=1.0,
-             mix={"needle": 0.5, "lm": 0.5})
+             carry_ask_chain=chain, mix={"needle": 0.5, "lm": 0.5})
     b = Batches(default_tokenizer, books, a, 64)
     fact = re.compile(r"(?:^|\n)The special code for (\w+) is (\d+)\.")  # fact lines, not answers
     asked = re.compile(r"What is the special code for (\w+)\? The special code for \1 is (\d+)\.$")
-    held, n_asked = [None] * 6, 0
+    held, last, n_asked, n_older = [None] * 6, [None] * 6, 0, 0
     for step in range(6):
         carried = step % 3 != 0  # every third batch starts from an empty memory
         x, y, w, _ = b.next(step, carried=carried)
@@ -275,17 +276,21 @@ def test_carried_rows_ask_the_facts_their_memory_holds(tmp_path, tokenizer_dir, 
             if q and q.group(1) in own:
                 assert own[q.group(1)] == q.group(2)  # the row's own fact (a name not asked from before)
             if q and q.group(1) not in own:
-                # A question on an earlier batch's fact: the value that row's last needle wrote.
+                # A question on an earlier batch's fact: the value that row's last needle wrote
+                # (with chain: the newest value of that name since the memory was empty).
                 assert held[r][q.group(1)] == q.group(2)
+                n_older += q.group(1) not in last[r]
                 n_ans = len(default_tokenizer.encode(" " + q.group(2) + ".", add_special_tokens=False))
                 assert np.all(np.array(w)[r, -n_ans:] == a.answer_weight)
                 n_asked += 1
             facts = dict(fact.findall(text))
+            if not carried:
+                held[r] = last[r] = None
             if facts:
-                held[r] = facts
-            elif not carried:
-                held[r] = None
+                held[r] = {**(held[r] or {}), **facts} if chain else facts
+                last[r] = facts
     assert n_asked >= 4
+    assert (n_older > 0) == chain  # only a chain asks facts older than the last needle
     with pytest.raises(ValueError, match="carry_state"):
         Batches(default_tokenizer, books, args(tmp_path, tokenizer_dir, books_dir, carry_ask=0.5), 64)
 
