@@ -119,7 +119,7 @@ def train(
     ] = 0.0,
     carry_ask_chain: Annotated[
         bool,
-        typer.Option(help="--carry-ask asks any fact written since the memory was last empty, not only the last needle's."),
+        typer.Option("--carry-ask-chain", help="--carry-ask asks any fact written since the memory was last empty, not only the last needle's."),
     ] = False,
     write_penalty: Annotated[
         float,
