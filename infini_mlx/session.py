@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Union
 
@@ -496,8 +497,11 @@ class InfiniSession:
             chunks = self._from_notes(ask, **kwargs)
         else:
             chunks = self._generate(plain_question(question) if plain else question, **kwargs)
+        if not plain:
+            yield from chunks
         # A plain model's answer is its first line: "Question: ...\nAnswer: ..." ends there.
-        yield from _first_line(chunks) if plain else chunks
+        elif (yield from _first_line(chunks)) and self.response is not None:
+            self.response = replace(self.response, finish_reason="stop")
 
     def stream_summarize(self, **kwargs) -> Iterator[str]:
         """Summarize what was read, yielding text as it is generated (see ``stream_ask``).
@@ -519,12 +523,14 @@ class InfiniSession:
         return "".join(self.stream_summarize(**kwargs))
 
 
-def _first_line(chunks: Iterator[str]) -> Iterator[str]:
-    """The chunks up to the first line break (generation stops there)."""
+def _first_line(chunks: Iterator[str]):
+    """The chunks up to the first line break (generation stops there); returns
+    whether there was one."""
     for t in chunks:
         if "\n" in t:
             head = t.split("\n", 1)[0].rstrip()
             if head:
                 yield head
-            return
+            return True
         yield t
+    return False

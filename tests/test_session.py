@@ -1,9 +1,10 @@
 """InfiniSession: reading in pieces, asking from a copy, saving, resuming, chat templates."""
 
+import dataclasses
 import io
-import types
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import pytest
@@ -129,15 +130,22 @@ def test_save_overwrites_only_when_asked(tiny, tmp_path):
 
 def test_answers_start_at_their_first_word(tiny, monkeypatch):
     # A plain prompt ends with "Answer:": models often go on with a line break.
+    @dataclasses.dataclass
+    class Response:
+        text: str
+        finish_reason: Optional[str] = None
+
     def stream(*args, **kwargs):
         for text in ["\n", " ", "\n Alice", " went", "\n"]:
-            yield types.SimpleNamespace(text=text)
+            yield Response(text)
 
     session = InfiniSession.load(tiny)
     session.read(book(40, seed=3))
     monkeypatch.setattr(infini_mlx.session, "stream_generate", stream)
     assert session.ask("Who?") == "Alice went"  # and ends at its line break
+    assert session.response.finish_reason == "stop"  # as mlx-lm says of an answer that ended
     assert list(session.stream_summarize()) == ["Alice", " went", "\n"]
+    assert session.response.finish_reason is None
 
 
 def test_interrupted_read_resumes_to_the_uninterrupted_state(tiny, tmp_path, monkeypatch):
