@@ -127,7 +127,9 @@ def train(
     ] = 0.0,
     key_digits: Annotated[
         str,
-        typer.Option(help="Training keys: 'paper' (1-50,000, as evaluated) or 'uniform' (1-5 digits equally often)."),
+        typer.Option(
+            help="Training keys: 'paper' (1-50,000, as evaluated), 'uniform' (1-5 digits equally often) or 'mixed' (half each)."
+        ),
     ] = "paper",
     needle_shared: Annotated[
         float,
@@ -160,7 +162,7 @@ def train(
 
     _check("--lr", lr > 0, f"{lr} is not a learning rate: a number > 0")
     _check("--gate-lr", gate_lr > 0, f"{gate_lr} is not a learning rate: a number > 0")
-    _check("--key-digits", key_digits in ("paper", "uniform"), f"{key_digits!r} is not 'paper' or 'uniform'")
+    _check("--key-digits", key_digits in ("paper", "uniform", "mixed"), f"{key_digits!r} is not 'paper', 'uniform' or 'mixed'")
     _check("--memory-lr", memory_lr is None or memory_lr > 0, f"{memory_lr} is not a learning rate: a number > 0")
     _check("--model", model is not None or not (freeze_base or lora_rank), "--freeze-base and --lora-rank fine-tune a --model")
     args = TrainArgs(

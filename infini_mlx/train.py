@@ -100,9 +100,10 @@ class TrainArgs:
             ``write_gate="clip"``, to write exactly nothing elsewhere).
         key_digits: How training keys (passkeys, needle values) are drawn:
             ``"paper"``, uniformly from 1-50,000 as the evaluation does (80%
-            have 5 digits), or ``"uniform"``: first a length of 1-5 digits,
+            have 5 digits), ``"uniform"``: first a length of 1-5 digits,
             then a key of that length, so a key's end is not guessable from
-            its length.
+            its length, or ``"mixed"``: each key drawn one way or the other
+            with probability 1/2.
         needle_shared: Probability that a needle sequence's values share
             their first digits (from one to all but the last) with one drawn
             value: the next digit then depends on the name, not on the digits
@@ -231,8 +232,8 @@ class Batches:
         unknown = set(args.mix) - set(TASKS)
         if unknown:
             raise ValueError(f"unknown tasks in the mix: {sorted(unknown)}; known: {TASKS}")
-        if args.key_digits not in ("paper", "uniform"):
-            raise ValueError(f"key_digits must be 'paper' or 'uniform', got {args.key_digits!r}")
+        if args.key_digits not in ("paper", "uniform", "mixed"):
+            raise ValueError(f"key_digits must be 'paper', 'uniform' or 'mixed', got {args.key_digits!r}")
         if args.carry_ask and not args.carry_state:
             raise ValueError("carry_ask asks what a carried memory holds: it needs carry_state")
         # Per row: the facts its memory holds, name -> value (carry_ask).
@@ -253,7 +254,8 @@ class Batches:
 
     def key(self) -> int:
         """A passkey or needle value, drawn as ``args.key_digits`` says."""
-        if self.args.key_digits == "uniform":
+        mode = self.args.key_digits
+        if mode == "uniform" or (mode == "mixed" and self.rng.random() < 0.5):
             n = int(self.rng.integers(1, 6))
             return int(self.rng.integers(10 ** (n - 1), min(10**n - 1, MAX_PASSKEY) + 1))
         return int(self.rng.integers(1, MAX_PASSKEY + 1))

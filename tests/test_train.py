@@ -189,18 +189,21 @@ def test_write_penalty_lowers_the_write_strengths(tmp_path, tokenizer_dir, books
     assert penalised < 0.6 * free, (free, penalised)
 
 
-def test_uniform_key_digits_make_every_key_length_equally_likely(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
+def test_key_digits_draw_each_key_length_as_documented(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
     from infini_mlx.train import Batches
 
     lengths = {}
-    for mode in ("paper", "uniform"):
+    for mode in ("paper", "uniform", "mixed"):
         a = args(tmp_path, tokenizer_dir, books_dir, key_digits=mode)
         b = Batches(default_tokenizer, np.zeros(10, np.int32), a, 64)
         keys = [b.key() for _ in range(5000)]
         assert 1 <= min(keys) and max(keys) <= 50000
         lengths[mode] = np.bincount([len(str(k)) for k in keys], minlength=6)[1:] / len(keys)
-    assert lengths["paper"][4] > 0.75 and lengths["paper"][0] < 0.01  # randint(1, 50000): 80% have 5 digits
+    # randint(1, 50000): 9, 90, 900, 9,000 and 40,001 keys of 1 to 5 digits
+    paper = np.array([9, 90, 900, 9000, 40001]) / 50000
+    assert np.all(np.abs(lengths["paper"] - paper) < 0.02)
     assert np.all(np.abs(lengths["uniform"] - 0.2) < 0.03)
+    assert np.all(np.abs(lengths["mixed"] - (paper + 0.2) / 2) < 0.03)
     # The prompt itself carries the drawn key.
     text = default_tokenizer.decode(b.passkey(3 * 64 + 1)[0].tolist())
     assert re.search(r"pass key is \d{1,5}\.", text)
