@@ -66,13 +66,9 @@ def test_tokenizer_splits_digits(default_tokenizer):
         assert tok.decode(ids) == f"The pass key is {n}."
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the shipped model reads most keys in order but not all: 27 -> 2770 (MODEL_CARD.md)",
-)
 def test_shipped_model_answers_a_short_passkey():
     # Through mlx-lm's own generate: nothing of this package's evaluation code.
-    # strict: the day the shipped model passes, this marker must go.
+    # A 2-digit key must end where it ends (models trained on 1-50,000 ran on: 27 -> 2770).
     model, tok = infini_mlx.load()
     seg = model.infini_config.segment_len
     for key, prefix, suffix in [(31337, 0, 600), (4821, 300, 300), (27, 600, 0)]:
