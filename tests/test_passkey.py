@@ -8,7 +8,6 @@ import zlib
 
 import mlx.core as mx
 import numpy as np
-import pytest
 import typer
 from mlx_lm import generate
 from typer.testing import CliRunner
