@@ -125,6 +125,10 @@ def train(
         float,
         typer.Option(min=0.0, help="Add this times the mean write strength of the normalised memory to the loss."),
     ] = 0.0,
+    write_leak: Annotated[
+        float,
+        typer.Option(min=0.0, help="With write_gate clip: the clip's backward slope where it writes nothing, so dead writes can revive."),
+    ] = 0.0,
     key_digits: Annotated[
         str,
         typer.Option(
@@ -196,6 +200,7 @@ def train(
         carry_ask=carry_ask,
         carry_ask_chain=carry_ask_chain,
         write_penalty=write_penalty,
+        write_leak=write_leak,
         seed=seed,
         freeze_base=freeze_base,
         lora_rank=lora_rank,

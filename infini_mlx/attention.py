@@ -14,6 +14,7 @@ from .memory import (
     delta_rule,
     delta_rule_segments,
     group_heads,
+    leaky_write,
     memory_delta,
     retrieve,
     short_conv,
@@ -164,14 +165,15 @@ class InfiniAttention(nn.Module):
             ws.append(self.b_conv1d.weight)
         # One decoded token: compiled, since its many small ops cost more than their math.
         compiled = L == 1 and normalized and bool(cfg.conv_size)
-        f = _memory_inputs_fn(bool(cfg.conv_size), normalized and cfg.write_gate, cfg.write_conv, compiled)
-        q, k, v, beta, lasts = f(q, k, v, b, prevs, ws)
+        leak = cache.write_leak if normalized and cfg.write_gate == "clip" else 0.0
+        f = _memory_inputs_fn(bool(cfg.conv_size), normalized and cfg.write_gate, cfg.write_conv, compiled, leak)
+        q, k, v, beta, logged, lasts = f(q, k, v, b, prevs, ws)
         if cfg.conv_size:
             cache.conv_q, cache.conv_k, cache.conv_v = lasts[:3]
         if cfg.write_conv:
             cache.conv_b = lasts[3]
         if cache.write_log is not None and beta is not None:
-            cache.write_log.append(beta)
+            cache.write_log.append(logged)
         return q, k, v, beta
 
     def _read_write(self, qm, km, vm, beta, cache: InfiniCache):
@@ -288,11 +290,13 @@ class InfiniAttention(nn.Module):
 
 
 @lru_cache(maxsize=None)
-def _memory_inputs_fn(conv: bool, write_gate, write_conv: bool, compiled: bool):
-    """(q, k, v, b, conv states, conv weights) -> the memory's q, k, v, beta and the next conv states.
+def _memory_inputs_fn(conv: bool, write_gate, write_conv: bool, compiled: bool, leak: float = 0.0):
+    """(q, k, v, b, conv states, conv weights) -> the memory's q, k, v, beta, the beta to
+    log (without ``leak``: the write penalty acts on what is written) and the next conv states.
 
     ``write_gate``: the normalised memory's ``InfiniConfig.write_gate``; falsy for the paper's.
     ``write_conv``: the fourth conv state and weight are the write logits'.
+    ``leak``: the clip's gradient where it cuts off (training only; ``leaky_write``).
     """
 
     def f(q, k, v, b, prevs, ws):
@@ -312,8 +316,12 @@ def _memory_inputs_fn(conv: bool, write_gate, write_conv: bool, compiled: bool):
             if write_conv:
                 b, last = short_conv(b.astype(mx.float32), prevs[3], ws[3])
                 lasts.append(last)
-            beta = write_strength(b, write_gate).transpose(0, 2, 1)
-        return q, k, v, beta, lasts
+            beta = write_strength(b, write_gate)
+            logged = beta = beta.transpose(0, 2, 1)
+            if leak:
+                beta = leaky_write(logged, b.transpose(0, 2, 1), leak)
+            return q, k, v, beta, logged, lasts
+        return q, k, v, beta, beta, lasts
 
     return mx.compile(f) if compiled else f
 

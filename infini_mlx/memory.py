@@ -101,6 +101,18 @@ def write_strength(b: mx.array, gate: str = "sigmoid") -> mx.array:
     return fast.sigmoid(b)
 
 
+def leaky_write(beta: mx.array, b: mx.array, leak: float) -> mx.array:
+    """``beta`` unchanged in value, with gradient ``leak / 4`` where the clip cut it off.
+
+    A training aid for ``write_gate="clip"``: a token (or a whole layer) that
+    writes exactly nothing gets no gradient through the clip, so it could never
+    learn to write again; here the loss still says whether writing would help.
+    """
+    b = b.astype(mx.float32)
+    cut = (beta <= 0.0) | (beta >= 1.0)
+    return beta + mx.where(cut, 0.25 * leak * (b - mx.stop_gradient(b)), 0.0)
+
+
 def short_conv(x: mx.array, prev: mx.array, w: mx.array):
     """Causal depthwise convolution over time.
 

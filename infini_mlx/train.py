@@ -98,6 +98,10 @@ class TrainArgs:
             normalised memory (over layers, heads and tokens) to the loss: the
             model learns to write only what it will be asked (with
             ``write_gate="clip"``, to write exactly nothing elsewhere).
+        write_leak: With ``write_gate="clip"``, the clip's slope (times the
+            slope inside) in the backward pass where it writes nothing, so a
+            token or layer that stopped writing can learn to write again; the
+            forward pass and ``write_penalty`` are unchanged.
         key_digits: How training keys (passkeys, needle values) are drawn:
             ``"paper"``, uniformly from 1-50,000 as the evaluation does (80%
             have 5 digits), ``"uniform"``: first a length of 1-5 digits,
@@ -166,6 +170,7 @@ class TrainArgs:
     carry_ask: float = 0.0
     carry_ask_chain: bool = False
     write_penalty: float = 0.0
+    write_leak: float = 0.0
     key_digits: str = "paper"
     needle_shared: float = 0.0
     seed: int = 0
@@ -708,8 +713,10 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
         if args.carry_state and not args.carry_ask:  # (after the batch, as runs before carry_ask drew it)
             go_on = batches.rng.random() < args.carry_state
         cache = None
-        if args.carry_state or args.write_penalty:
+        if args.carry_state or args.write_penalty or args.write_leak:
             cache = logged_cache(model) if args.write_penalty else model.make_cache()
+            for c in cache:
+                c.write_leak = args.write_leak
         if args.carry_state:
             go_on = go_on and carried is not None and carried[0][0].shape[0] == x.shape[0]
             if go_on:

@@ -189,6 +189,53 @@ def test_write_penalty_lowers_the_write_strengths(tmp_path, tokenizer_dir, books
     assert penalised < 0.6 * free, (free, penalised)
 
 
+def test_leaky_write_keeps_the_value_and_leaks_the_gradient_where_the_clip_cuts():
+    from infini_mlx.memory import leaky_write, write_strength
+
+    b = mx.array(np.linspace(-6.0, 6.0, 25, dtype=np.float32))  # u = 0.5 + b / 4 crosses 0 and 1
+    w = mx.array(np.random.default_rng(0).normal(size=25).astype(np.float32))
+    out = leaky_write(write_strength(b, "clip"), b, 0.1)
+    u = 0.5 + 0.25 * np.array(b)
+    assert np.array_equal(np.array(out), np.clip(u, 0.0, 1.0))
+    grad = mx.grad(lambda b: (w * leaky_write(write_strength(b, "clip"), b, 0.1)).sum())(b)
+    inside = (u > 0) & (u < 1)
+    assert np.allclose(np.array(grad), np.array(w) * np.where(inside, 0.25, 0.025), atol=1e-7)
+
+
+def test_write_leak_changes_the_write_gradient_only(tokenizer_dir, default_tokenizer):
+    from infini_mlx.train import logged_cache, mean_write_strength, weighted_loss
+
+    form = InfiniConfig(segment_len=16, memory="normalized", conv_size=4, write_gate="clip", write_conv=True)
+    model, _ = new_model(TINY, form, len(default_tokenizer.vocab), seed=0)
+    for l in model.layers:  # about half the tokens write nothing
+        l.self_attn.b_proj.weight = 8.0 * mx.random.normal(l.self_attn.b_proj.weight.shape, key=mx.random.key(1))
+    rows = np.stack([passkey_prompt(Pieces(default_tokenizer), 200, 0.2, k).array()[:64] for k in (123, 4567)])
+    x, y, wt = mx.array(rows[:, :-1]), mx.array(rows[:, 1:]), mx.ones((2, 63))
+
+    def grads(leak, penalty_only=False):
+        def f(model):
+            cache = logged_cache(model)
+            for c in cache:
+                c.write_leak = leak
+            loss = weighted_loss(model, x, y, wt, cache=cache)
+            return mean_write_strength(cache) if penalty_only else loss
+        loss, g = nn.value_and_grad(model, f)(model)
+        return loss.item(), dict(tree_flatten(g))
+
+    (l0, g0), (l1, g1) = grads(0.0), grads(0.1)
+    assert l0 == l1  # the forward pass is the same
+    for name in ("model.layers.0.self_attn.b_proj.weight", "model.layers.1.self_attn.b_proj.weight"):
+        assert not np.allclose(np.array(g0[name]), np.array(g1[name]), rtol=0.05, atol=0)
+    # The last layer's other weights get the same gradient (earlier layers' differ: through its input).
+    for name in ("q_proj.weight", "v_proj.weight", "gate", "k_conv1d.weight"):
+        name = "model.layers.1.self_attn." + name
+        assert np.array_equal(np.array(g0[name]), np.array(g1[name]))
+    # The write penalty acts on what is written: no leak in its gradient on the last layer's writes.
+    p0, p1 = grads(0.0, True)[1], grads(0.1, True)[1]
+    name = "model.layers.1.self_attn.b_proj.weight"
+    assert np.abs(np.array(p0[name])).max() > 0 and np.array_equal(np.array(p0[name]), np.array(p1[name]))
+
+
 def test_key_digits_draw_each_key_length_as_documented(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
     from infini_mlx.train import Batches
 
