@@ -273,12 +273,12 @@ class Batches:
         while len(first) < 2:
             first = str(self.key())
         k = int(self.rng.integers(1, len(first)))  # digits shared
-        out = {first}
+        out = {first: None}  # a dict, not a set: its order does not depend on the hash seed
         for _ in range(100 * n):
             if len(out) == n:
                 break
             tail = self.rng.integers(0, 10, len(first) - k)
-            out.add(first[:k] + "".join(map(str, tail)))
+            out[first[:k] + "".join(map(str, tail))] = None
         vals = [int(v) for v in out]
         vals += [self.key() for _ in range(n - len(vals))]  # too few tails (e.g. one free digit)
         return [vals[i] for i in self.rng.permutation(n)]

@@ -279,6 +279,27 @@ def test_shared_needle_values_differ_only_after_a_common_prefix(tmp_path, tokeni
 
 
 
+def test_needle_values_do_not_depend_on_the_hash_seed():
+    import os
+    import subprocess
+    import sys
+
+    # A run's data must follow from its --seed alone (set iteration order follows PYTHONHASHSEED).
+    code = (
+        "import numpy as np\n"
+        "from infini_mlx.train import Batches, TrainArgs\n"
+        "b = Batches.__new__(Batches)\n"
+        "b.rng, b.args = np.random.default_rng(0), TrainArgs(out='x', needle_shared=1.0)\n"
+        "print([b.needle_values(4) for _ in range(50)])\n"
+    )
+    outs = {
+        subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": h},
+                       capture_output=True, text=True, check=True).stdout
+        for h in ("1", "2")
+    }
+    assert len(outs) == 1, outs
+
+
 def test_probes_draw_the_evaluations_keys_whatever_the_training_draws(
     tmp_path, tokenizer_dir, books_dir, default_tokenizer, monkeypatch
 ):
