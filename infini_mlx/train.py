@@ -98,10 +98,10 @@ class TrainArgs:
             normalised memory (over layers, heads and tokens) to the loss: the
             model learns to write only what it will be asked (with
             ``write_gate="clip"``, to write exactly nothing elsewhere).
-        write_leak: With ``write_gate="clip"``, the clip's slope (times the
-            slope inside) in the backward pass where it writes nothing, so a
-            token or layer that stopped writing can learn to write again; the
-            forward pass and ``write_penalty`` are unchanged.
+        write_leak: With ``write_gate="clip"``, the clip's backward slope where
+            it writes nothing, as a fraction of its slope inside, so a token or
+            a layer that stopped writing can learn to write again; the forward
+            pass and ``write_penalty`` are unchanged.
         key_digits: How training keys (passkeys, needle values) are drawn:
             ``"paper"``, uniformly from 1-50,000 as the evaluation does (80%
             have 5 digits), ``"uniform"``: first a length of 1-5 digits,
@@ -663,6 +663,9 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
     config["infini"] = model.infini_config.to_dict()
     if args.write_penalty and model.infini_config.memory != "normalized":
         raise ValueError("write_penalty needs the normalised memory (infini.memory = normalized)")
+    cfg = model.infini_config
+    if args.write_leak and (cfg.memory != "normalized" or cfg.write_gate != "clip"):
+        raise ValueError("write_leak needs the clip write gate (infini.write_gate = clip)")
     if args.loss_positions and config["model_type"] not in SUBSAMPLED_TYPES:
         raise ValueError(f"loss_positions works for {', '.join(SUBSAMPLED_TYPES)} models only")
     if args.freeze_base or args.lora_rank:

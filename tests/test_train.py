@@ -202,7 +202,7 @@ def test_leaky_write_keeps_the_value_and_leaks_the_gradient_where_the_clip_cuts(
     assert np.allclose(np.array(grad), np.array(w) * np.where(inside, 0.25, 0.025), atol=1e-7)
 
 
-def test_write_leak_changes_the_write_gradient_only(tokenizer_dir, default_tokenizer):
+def test_write_leak_changes_the_write_gradient_only(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
     from infini_mlx.train import logged_cache, mean_write_strength, weighted_loss
 
     form = InfiniConfig(segment_len=16, memory="normalized", conv_size=4, write_gate="clip", write_conv=True)
@@ -230,6 +230,8 @@ def test_write_leak_changes_the_write_gradient_only(tokenizer_dir, default_token
     for name in ("q_proj.weight", "v_proj.weight", "gate", "k_conv1d.weight"):
         name = "model.layers.1.self_attn." + name
         assert np.array_equal(np.array(g0[name]), np.array(g1[name]))
+    with pytest.raises(ValueError, match="write_leak"):
+        train(args(tmp_path, tokenizer_dir, books_dir, steps=1, write_leak=0.1), log=lambda s: None)
     # The write penalty acts on what is written: no leak in its gradient on the last layer's writes.
     p0, p1 = grads(0.0, True)[1], grads(0.1, True)[1]
     name = "model.layers.1.self_attn.b_proj.weight"
