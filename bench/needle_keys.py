@@ -23,7 +23,7 @@ import infini_mlx
 import mlx.core as mx
 import numpy as np
 
-from infini_mlx.data import BOOKS_DIR, TRAIN_BOOKS, book_text
+from infini_mlx.passkey import needle_hay
 from infini_mlx.tasks import MAX_PASSKEY, NEEDLE_NAMES, Pieces, needle_prompt
 from infini_mlx.train import logged_cache
 
@@ -38,8 +38,7 @@ def main():
     a = p.parse_args()
     model, tok = infini_mlx.load(a.model)
     pieces = Pieces(tok)
-    text = "\n".join(book_text(BOOKS_DIR / b) for b in TRAIN_BOOKS[:2])
-    hay = np.array(tok.encode(text, add_special_tokens=False), np.int32)
+    hay = needle_hay(tok)
     attn = model.model.layers[a.layer].self_attn
     seen = []
     inputs = attn._memory_inputs

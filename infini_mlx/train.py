@@ -660,10 +660,10 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
         model, config = new_model(args.arch, infini, len(tokenizer.vocab), args.seed)
     if not ckpt.exists() and not model.infini_config.memory_trained:
         start_gates(model, args.infini.get("gate_init", TRAIN_GATE_INIT))
-    config["infini"] = model.infini_config.to_dict()
-    if args.write_penalty and model.infini_config.memory != "normalized":
-        raise ValueError("write_penalty needs the normalised memory (infini.memory = normalized)")
     cfg = model.infini_config
+    config["infini"] = cfg.to_dict()
+    if args.write_penalty and cfg.memory != "normalized":
+        raise ValueError("write_penalty needs the normalised memory (infini.memory = normalized)")
     if args.write_leak and (cfg.memory != "normalized" or cfg.write_gate != "clip"):
         raise ValueError("write_leak needs the clip write gate (infini.write_gate = clip)")
     if args.loss_positions and config["model_type"] not in SUBSAMPLED_TYPES:
