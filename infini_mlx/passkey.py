@@ -182,7 +182,8 @@ def _cells(model, tokenizer, make_prompt, lengths, depths, trials, batch, seed, 
             for g, (name, p) in zip(got, chunk):
                 hits[name].append(g == p.answer)
                 if g != p.answer:
-                    misses[name].append({"key": p.answer, "answer": g})
+                    # A needle miss keeps every value its prompt held: is the answer another fact's?
+                    misses[name].append({"key": p.answer, "answer": g, **({"facts": list(p.facts)} if p.facts else {})})
             toks += L * len(chunk)
             del cache, logits
         for name in depths:

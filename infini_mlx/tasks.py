@@ -92,6 +92,7 @@ class Prompt:
     length: int
     pieces: Pieces
     hay: np.ndarray = None
+    facts: tuple = ()  # a needle prompt's values, in the order its text holds them
 
     def tokens(self) -> Iterator[int]:
         for p in self.parts:
@@ -151,4 +152,4 @@ def needle_prompt(
         parts += [("hay", start + pos, c - pos), nl, lines[i], nl]
         pos = c
     parts += [("hay", start + pos, n - pos), nl, q]
-    return Prompt(parts, value, length, pieces, hay)
+    return Prompt(parts, value, length, pieces, hay, tuple(facts[i][1] for i in order))

@@ -210,3 +210,32 @@ def test_perplexity_streams_what_the_whole_sequence_scores():
     for layer in model.model.layers:
         layer.self_attn.gate = mx.full(layer.self_attn.gate.shape, -1e9)
     assert abs(off - whole()) < 1e-3 * off
+
+
+def test_needle_prompt_lists_its_facts_in_text_order(default_tokenizer):
+    from infini_mlx.tasks import needle_prompt
+
+    hay = np.array(default_tokenizer.encode("Alice was beginning to get very tired. " * 100), np.int32)
+    facts = [("apple", 111), ("badger", 22222), ("candle", 3), ("dragon", 4444)]
+    p = needle_prompt(Pieces(default_tokenizer), hay, 600, facts, [0.9, 0.1, 0.5, 0.3], ask=2, start=0)
+    text = default_tokenizer.decode(p.array().tolist())
+    found = [int(v) for v in re.findall(r"special code for \w+ is (\d+)\.", text)]
+    assert list(p.facts) == found == [22222, 4444, 3, 111] and p.answer == 3
+
+
+def test_needle_misses_keep_every_fact_of_their_prompt(default_tokenizer, books_dir, tmp_path):
+    from infini_mlx.config import InfiniConfig
+    from infini_mlx.data import TRAIN_BOOKS
+    from infini_mlx.passkey import needle_eval
+    from infini_mlx.train import new_model
+
+    for b in TRAIN_BOOKS:  # needles hide in every training book: here each is Alice
+        (tmp_path / b).write_text((books_dir / "alice_in_wonderland_pg11.txt").read_text())
+
+    arch = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2)
+    model = new_model(arch, InfiniConfig(segment_len=64), len(default_tokenizer.vocab), 0)[0]
+    r = needle_eval(model, default_tokenizer, [512], trials=3, batch=3, books_dir=tmp_path)
+    misses = r[0]["cells"]["random"]["misses"]
+    assert len(misses) == 3  # an untrained model finds none
+    for m in misses:
+        assert len(m["facts"]) == 4 and m["key"] in m["facts"], m
