@@ -4,6 +4,7 @@
     python bench/write_strengths.py --model DIR
     python bench/write_strengths.py --tokens          # also each key-line token's strength
     python bench/write_strengths.py --book moby_dick_pg2701.txt   # also on book text
+    python bench/write_strengths.py --book war_and_peace_pg2600.txt --book-tokens 32768
 
 One passkey prompt (4K tokens, key at depth 0.1) is read in one call. Per layer
 and head: the share of filler tokens written with strength exactly 0, the mean
@@ -13,8 +14,10 @@ directions one period of filler (27 tokens) leaves above 10% after 4K, 32K,
 the period, raised to the number of periods. A stored key survives long filler
 only in those directions. ``--tokens`` adds, per token of the key line, the
 largest strength over each layer's heads (does the "." that ends the key write?).
-``--book`` adds, per layer, the share of 4,096 tokens of that book (from its
-20,000th token on) written with a strength above 0, and their mean strength.
+``--book`` adds, per layer, the share of ``--book-tokens`` tokens of that book
+(4,096 from its 20,000th token on) written with a strength above 0 (of heads x
+tokens, and of tokens any head writes on) and the mean strength: a write on
+book text is one a needle hidden in it can lose its value to.
 """
 
 import argparse
@@ -37,7 +40,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
     p.add_argument("--tokens", action="store_true", help="also print each key-line token's strength per layer")
-    p.add_argument("--book", help="also measure on 4,096 tokens of this book (a file name in the books folder)")
+    p.add_argument("--book", help="also measure on book text (a file name in the books folder)")
+    p.add_argument("--book-tokens", type=int, default=4096, help="how many of the book's tokens (from the 20,000th)")
     a = p.parse_args()
     model, tok = infini_mlx.load(a.model)
     cfg = model.infini_config
@@ -82,13 +86,13 @@ def main():
             print(f"{name!r:<15} " + " ".join(f"{b:8.3f}" for b in row))
 
     if a.book:
-        ids = tok.encode(book_text(BOOKS_DIR / a.book), add_special_tokens=False)[20000 : 20000 + 4096]
+        ids = tok.encode(book_text(BOOKS_DIR / a.book), add_special_tokens=False)[20000 : 20000 + a.book_tokens]
         cache = logged_cache(model)
         mx.eval(model(mx.array(ids)[None], cache=cache))
-        print(f"\n{a.book}, {len(ids)} tokens\nlayer  written  mean b")
+        print(f"\n{a.book}, {len(ids)} tokens\nlayer  written  any head  mean b")
         for li, c in enumerate(cache):
-            beta = np.array(c.write_log[0][0])
-            print(f"{li:>5} {np.mean(beta > 0):8.3f} {beta.mean():7.3f}")
+            beta = np.array(c.write_log[0][0])  # (H, T)
+            print(f"{li:>5} {np.mean(beta > 0):8.3f} {np.mean((beta > 0).any(0)):9.3f} {beta.mean():7.3f}")
 
 
 if __name__ == "__main__":
