@@ -182,8 +182,10 @@ def _cells(model, tokenizer, make_prompt, lengths, depths, trials, batch, seed, 
             for g, (name, p) in zip(got, chunk):
                 hits[name].append(g == p.answer)
                 if g != p.answer:
-                    # A needle miss keeps every value its prompt held: is the answer another fact's?
-                    misses[name].append({"key": p.answer, "answer": g, **({"facts": list(p.facts)} if p.facts else {})})
+                    miss = {"key": p.answer, "answer": g}
+                    if p.facts:  # a needle's values: is the answer another fact's?
+                        miss["facts"] = list(p.facts)
+                    misses[name].append(miss)
             toks += L * len(chunk)
             del cache, logits
         for name in depths:
