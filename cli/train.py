@@ -18,6 +18,12 @@ def _ints(option: str, s: str):
     return [int(x) for x in parts]
 
 
+def _layers(option: str, s: str):
+    parts = [x.strip() for x in s.split(",")]
+    _check(option, all(x.isdigit() for x in parts), f"{s!r}: layer numbers from 0, comma-separated")
+    return sorted({int(x) for x in parts})
+
+
 def _lengths(option: str, s: str):
     from infini_mlx.passkey import parse_length
 
@@ -129,6 +135,14 @@ def train(
         float,
         typer.Option(min=0.0, help="With write_gate clip: the clip's backward slope where it writes nothing, so dead writes can revive."),
     ] = 0.0,
+    write_penalty_layers: Annotated[
+        Optional[str],
+        typer.Option(help="Layers (from 0, e.g. 0,1,2) --write-penalty acts on (default: every layer)."),
+    ] = None,
+    write_leak_layers: Annotated[
+        Optional[str],
+        typer.Option(help="Layers (from 0, e.g. 3) --write-leak acts on (default: every layer)."),
+    ] = None,
     key_digits: Annotated[
         str,
         typer.Option(
@@ -201,6 +215,8 @@ def train(
         carry_ask_chain=carry_ask_chain,
         write_penalty=write_penalty,
         write_leak=write_leak,
+        write_penalty_layers=_layers("--write-penalty-layers", write_penalty_layers) if write_penalty_layers else None,
+        write_leak_layers=_layers("--write-leak-layers", write_leak_layers) if write_leak_layers else None,
         seed=seed,
         freeze_base=freeze_base,
         lora_rank=lora_rank,

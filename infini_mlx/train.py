@@ -102,6 +102,10 @@ class TrainArgs:
             it writes nothing, as a fraction of its slope inside, so a token or
             a layer that stopped writing can learn to write again; the forward
             pass and ``write_penalty`` are unchanged.
+        write_penalty_layers, write_leak_layers: The layers (from 0)
+            ``write_penalty`` and ``write_leak`` act on; ``None``: every layer.
+            A layer spared the penalty and given the leak can learn to write
+            again while the others stay sparse.
         key_digits: How training keys (passkeys, needle values) are drawn:
             ``"paper"``, uniformly from 1-50,000 as the evaluation does (80%
             have 5 digits), ``"uniform"``: first a length of 1-5 digits,
@@ -171,6 +175,8 @@ class TrainArgs:
     carry_ask_chain: bool = False
     write_penalty: float = 0.0
     write_leak: float = 0.0
+    write_penalty_layers: Optional[List[int]] = None
+    write_leak_layers: Optional[List[int]] = None
     key_digits: str = "paper"
     needle_shared: float = 0.0
     seed: int = 0
@@ -517,17 +523,30 @@ def weighted_loss(model, x, y, w, idx=None, cache=None, write_penalty=0.0):
     return loss
 
 
-def logged_cache(model):
-    """A fresh cache per layer whose ``write_log`` collects the write strengths (for ``write_penalty``)."""
+def logged_cache(model, layers: Optional[List[int]] = None):
+    """A fresh cache per layer whose ``write_log`` collects the write strengths (for ``write_penalty``).
+
+    With ``layers``, only those layers' caches log (and so are penalised).
+    """
     cache = model.make_cache()
-    for c in cache:
-        c.write_log = []
+    for i, c in enumerate(cache):
+        if layers is None or i in layers:
+            c.write_log = []
+    return cache
+
+
+def step_cache(model, args: TrainArgs):
+    """A training step's fresh caches: logging where ``write_penalty`` acts, leaking where ``write_leak`` does."""
+    cache = logged_cache(model, args.write_penalty_layers) if args.write_penalty else model.make_cache()
+    for i, c in enumerate(cache):
+        if args.write_leak_layers is None or i in args.write_leak_layers:
+            c.write_leak = args.write_leak
     return cache
 
 
 def mean_write_strength(cache) -> mx.array:
     """Mean of the write strengths the caches' ``write_log`` lists collected."""
-    return mx.stack([b.mean() for c in cache for b in c.write_log]).mean()
+    return mx.stack([b.mean() for c in cache if c.write_log is not None for b in c.write_log]).mean()
 
 
 def clip_by_norm(grads, max_norm: float):
@@ -666,6 +685,11 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
         raise ValueError("write_penalty needs the normalised memory (infini.memory = normalized)")
     if args.write_leak and (cfg.memory != "normalized" or cfg.write_gate != "clip"):
         raise ValueError("write_leak needs the clip write gate (infini.write_gate = clip)")
+    n_layers = len(model.layers)
+    for name in ("write_penalty_layers", "write_leak_layers"):
+        bad = [i for i in getattr(args, name) or [] if not 0 <= i < n_layers]
+        if bad:
+            raise ValueError(f"{name}: the model has layers 0-{n_layers - 1}, not {bad}")
     if args.loss_positions and config["model_type"] not in SUBSAMPLED_TYPES:
         raise ValueError(f"loss_positions works for {', '.join(SUBSAMPLED_TYPES)} models only")
     if args.freeze_base or args.lora_rank:
@@ -717,9 +741,7 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
             go_on = batches.rng.random() < args.carry_state
         cache = None
         if args.carry_state or args.write_penalty or args.write_leak:
-            cache = logged_cache(model) if args.write_penalty else model.make_cache()
-            for c in cache:
-                c.write_leak = args.write_leak
+            cache = step_cache(model, args)
         if args.carry_state:
             go_on = go_on and carried is not None and carried[0][0].shape[0] == x.shape[0]
             if go_on:

@@ -238,6 +238,34 @@ def test_write_leak_changes_the_write_gradient_only(tmp_path, tokenizer_dir, boo
     assert np.abs(np.array(p0[name])).max() > 0 and np.array_equal(np.array(p0[name]), np.array(p1[name]))
 
 
+def test_write_penalty_and_leak_act_on_the_layers_named(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
+    from infini_mlx.train import logged_cache, mean_write_strength, step_cache
+
+    form = InfiniConfig(segment_len=16, memory="normalized", conv_size=4, write_gate="clip", write_conv=True)
+    model, _ = new_model(TINY, form, len(default_tokenizer.vocab), seed=0)
+    for l in model.layers:  # about half the tokens write, differently per layer
+        l.self_attn.b_proj.weight = 8.0 * mx.random.normal(l.self_attn.b_proj.weight.shape, key=mx.random.key(1))
+    x = mx.array(passkey_prompt(Pieces(default_tokenizer), 200, 0.2, 4321).array()[None, :64])
+    every, one = logged_cache(model), logged_cache(model, [1])
+    model(x, cache=every)
+    model(x, cache=one)
+    assert one[0].write_log is None and len(one[1].write_log) == len(every[1].write_log) > 0
+    # Layer 1's own strengths, from the log of every layer: the mean of its segments' means.
+    want = np.mean([np.array(b).mean() for b in every[1].write_log])
+    assert np.isclose(mean_write_strength(one).item(), want, rtol=1e-6)
+    assert not np.isclose(mean_write_strength(every).item(), want, rtol=1e-3)
+
+    a = TrainArgs(out=str(tmp_path), write_penalty=1.0, write_penalty_layers=[0], write_leak=0.3, write_leak_layers=[1])
+    c = step_cache(model, a)
+    assert c[0].write_log == [] and c[1].write_log is None
+    assert (c[0].write_leak, c[1].write_leak) == (0.0, 0.3)
+    c = step_cache(model, TrainArgs(out=str(tmp_path), write_leak=0.3))
+    assert [k.write_leak for k in c] == [0.3, 0.3] and all(k.write_log is None for k in c)
+    with pytest.raises(ValueError, match="write_penalty_layers"):
+        train(args(tmp_path / "r", tokenizer_dir, books_dir, steps=1, infini={"segment_len": 16, "memory": "normalized"}, write_penalty=1.0,
+                   write_penalty_layers=[2]), log=lambda s: None)
+
+
 def test_key_digits_draw_each_key_length_as_documented(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
     from infini_mlx.train import Batches
 
