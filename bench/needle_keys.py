@@ -12,7 +12,10 @@ write strengths, and the mean cosine of two keys at random positions of the
 prompt. With the delta rule, writing value v_j under key k_j erases the
 share (k_i . k_j)^2 of what an earlier fact stored under k_i, times the
 write strength: aligned keys of cosine 0.9 make four facts overwrite one
-another.
+another. A last line asks whether the keys' common direction is to blame
+(SiLU makes them nearly non-negative): the same cosines at the value's first
+digit, and of random pairs, once every key has the mean key of its head
+(over all prompts) taken away and is normalised again.
 """
 
 import argparse
@@ -46,6 +49,7 @@ def main():
 
     rng = np.random.default_rng(0)
     cross, rand, labels = [], [], None
+    keys, first_digits = [], []  # every prompt's keys; each fact's first-digit position
     for _ in range(a.prompts):
         names = rng.choice(len(NEEDLE_NAMES), 4, replace=False)
         facts = [(NEEDLE_NAMES[i], int(rng.integers(10000, MAX_PASSKEY + 1))) for i in names]
@@ -60,6 +64,8 @@ def main():
             line = pieces.line(f"The special code for {name} is {value}.")
             s = next(j for j in range(len(x)) if x[j : j + len(line)] == line)
             firsts.append(s + len(pieces.line(f"The special code for {name} is")) - 1)
+        keys.append(k)
+        first_digits.append([f + 2 for f in firsts])  # " is", "▁", then the first digit
         if labels is None:
             labels = tok.convert_ids_to_tokens([x[firsts[0] + o] for o in range(OFFSETS)])
         for h in range(k.shape[0]):
@@ -79,6 +85,18 @@ def main():
             m = (cross[:, 0] == h) & (cross[:, 1] == o)
             cells.append(f"{cross[m, 2].mean():5.2f}/{cross[m, 3].mean():.2f}")
         print(f"{h:4d}  " + "  ".join(f"{c:>11}" for c in cells) + f"   {rand[rand[:, 0] == h, 1].mean():12.2f}")
+    mean = np.concatenate(keys, axis=1).mean(axis=1, keepdims=True)  # H, 1, D
+    cells = []
+    for h in range(mean.shape[0]):
+        ff, rr = [], []
+        for k, f in zip(keys, first_digits):
+            c = k[h] - mean[h]
+            c /= np.linalg.norm(c, axis=-1, keepdims=True)
+            ff += [c[f[i]] @ c[f[j]] for i in range(4) for j in range(i + 1, 4)]
+            r = rng.integers(0, len(c), (200, 2))
+            rr.append(np.mean(np.sum(c[r[:, 0]] * c[r[:, 1]], -1)))
+        cells.append(f"head {h} {np.mean(ff):.2f} (random {np.mean(rr):.2f})")
+    print("first digit, the mean key taken away: " + ", ".join(cells))
 
 
 if __name__ == "__main__":
