@@ -105,7 +105,9 @@ class TrainArgs:
         write_penalty_layers, write_leak_layers: The layers (from 0)
             ``write_penalty`` and ``write_leak`` act on; ``None``: every layer.
             A layer spared the penalty and given the leak can learn to write
-            again while the others stay sparse.
+            again while the others stay sparse. The penalty is the mean over
+            the layers named, so one layer of four weighs four times as much
+            as it does among all four.
         key_digits: How training keys (passkeys, needle values) are drawn:
             ``"paper"``, uniformly from 1-50,000 as the evaluation does (80%
             have 5 digits), ``"uniform"``: first a length of 1-5 digits,
