@@ -12,16 +12,14 @@ def _check(option: str, ok: bool, message: str):
         raise typer.BadParameter(message, param_hint=f"'{option}'")
 
 
-def _ints(option: str, s: str):
+def _ints(option: str, s: str, least: int = 1):
     parts = [x.strip() for x in s.split(",")]
-    _check(option, all(x.isdigit() and int(x) >= 1 for x in parts), f"{s!r}: whole numbers >= 1, comma-separated")
+    _check(option, all(x.isdigit() and int(x) >= least for x in parts), f"{s!r}: whole numbers >= {least}, comma-separated")
     return [int(x) for x in parts]
 
 
 def _layers(option: str, s: str):
-    parts = [x.strip() for x in s.split(",")]
-    _check(option, all(x.isdigit() for x in parts), f"{s!r}: layer numbers from 0, comma-separated")
-    return sorted({int(x) for x in parts})
+    return sorted(set(_ints(option, s, least=0)))
 
 
 def _lengths(option: str, s: str):
