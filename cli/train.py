@@ -100,6 +100,10 @@ def train(
         Optional[float],
         typer.Option(help="Learning rate of the memory's convolutions, write strengths and read-out norm (default: --lr)."),
     ] = None,
+    conv_lr: Annotated[
+        Optional[float],
+        typer.Option(help="Learning rate of the memory's convolution taps alone (default: --memory-lr)."),
+    ] = None,
     weight_decay: Annotated[float, typer.Option(min=0, help="AdamW weight decay of the body.")] = 0.01,
     warmup: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 50,
     decay_steps: Annotated[
@@ -147,6 +151,9 @@ def train(
             help="Training keys: 'paper' (1-50,000, as evaluated), 'uniform' (1-5 digits equally often) or 'mixed' (half each)."
         ),
     ] = "paper",
+    needle_facts: Annotated[
+        int, typer.Option(min=1, help="Most facts in a training needle sequence (fewer where it is short).")
+    ] = 4,
     needle_shared: Annotated[
         float,
         typer.Option(min=0.0, max=1.0, help="Probability that a needle's values share their first digits (keys by name)."),
@@ -180,6 +187,7 @@ def train(
     _check("--gate-lr", gate_lr > 0, f"{gate_lr} is not a learning rate: a number > 0")
     _check("--key-digits", key_digits in ("paper", "uniform", "mixed"), f"{key_digits!r} is not 'paper', 'uniform' or 'mixed'")
     _check("--memory-lr", memory_lr is None or memory_lr > 0, f"{memory_lr} is not a learning rate: a number > 0")
+    _check("--conv-lr", conv_lr is None or conv_lr > 0, f"{conv_lr} is not a learning rate: a number > 0")
     _check("--model", model is not None or not (freeze_base or lora_rank), "--freeze-base and --lora-rank fine-tune a --model")
     args = TrainArgs(
         out=str(out),
@@ -198,7 +206,9 @@ def train(
         lr=lr,
         gate_lr=gate_lr,
         memory_lr=memory_lr,
+        conv_lr=conv_lr,
         key_digits=key_digits,
+        needle_facts=needle_facts,
         needle_shared=needle_shared,
         weight_decay=weight_decay,
         warmup=warmup,

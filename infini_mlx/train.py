@@ -82,6 +82,9 @@ class TrainArgs:
             ``None``: ``lr``. A parameter switched on in a trained model (e.g.
             ``write_conv``'s taps, which start as the identity) moves at most
             about the learning rate per step.
+        conv_lr: Learning rate of the memory's convolution taps alone
+            (``q_conv1d``, ``k_conv1d``, ``v_conv1d``, ``b_conv1d``; Adam, no
+            decay); ``None``: ``memory_lr``.
         weight_decay: AdamW weight decay (never applied to the gates).
         warmup: Linear warm-up steps.
         decay_steps: Cosine decay to 10% over this many steps (0: constant).
@@ -114,6 +117,8 @@ class TrainArgs:
             then a key of that length, so a key's end is not guessable from
             its length, or ``"mixed"``: each key drawn one way or the other
             with probability 1/2.
+        needle_facts: Most facts in a ``needle`` sequence (fewer where it is
+            short); the evaluation asks one of 4.
         needle_shared: Probability that a needle sequence's values share
             their first digits (from one to all but the last) with one drawn
             value: the next digit then depends on the name, not on the digits
@@ -163,6 +168,7 @@ class TrainArgs:
     lr: float = 1e-3
     gate_lr: float = 1e-2
     memory_lr: Optional[float] = None
+    conv_lr: Optional[float] = None
     weight_decay: float = 0.01
     warmup: int = 50
     decay_steps: int = 0
@@ -180,6 +186,7 @@ class TrainArgs:
     write_penalty_layers: Optional[List[int]] = None
     write_leak_layers: Optional[List[int]] = None
     key_digits: str = "paper"
+    needle_facts: int = 4
     needle_shared: float = 0.0
     seed: int = 0
     freeze_base: bool = False
@@ -331,10 +338,10 @@ class Batches:
             [(hay[: cut - i], False), (info, False), (hay[cut - i :], False), (q, False), (ans, True)]
         )
 
-    def needle(self, T: int, n_facts: int = 4):
+    def needle(self, T: int):
         """Facts in book text, then every fact asked and answered, in random order."""
         r = self.rng
-        n_facts = max(1, min(n_facts, (T - 40) // 45))  # fewer facts in short sequences
+        n_facts = max(1, min(self.args.needle_facts, (T - 40) // 45))  # fewer facts in short sequences
         if self._avoid:  # a name asked at the end must keep its earlier value
             names = r.choice([i for i, s in enumerate(NEEDLE_NAMES) if s != self._avoid], n_facts, replace=False)
         else:
@@ -471,6 +478,10 @@ def is_gate(path: str, _=None) -> bool:
     return path.endswith("self_attn.gate")
 
 
+def is_conv(path: str, _=None) -> bool:
+    return is_new_parameter(path) and "_conv1d." in path
+
+
 def make_optimizer(args: TrainArgs):
     def schedule(lr):
         rest = (
@@ -485,14 +496,20 @@ def make_optimizer(args: TrainArgs):
 
     # Gates: their own rate; the memory's other new parameters (convolutions, write
     # strengths, read-out norm): memory_lr (default: the body's) without decay, which would pull
-    # the convolutions away from their identity start; the rest: AdamW.
+    # the convolutions away from their identity start; the rest: AdamW. A conv_lr adds one
+    # optimizer only when set, so older checkpoints' optimizer states still load.
+    memory = [optim.Adam(learning_rate=schedule(args.memory_lr or args.lr))]
+    filters = [is_gate, is_new_parameter]
+    if args.conv_lr is not None:
+        memory.insert(0, optim.Adam(learning_rate=schedule(args.conv_lr)))
+        filters.insert(1, is_conv)
     return optim.MultiOptimizer(
         [
             optim.Adam(learning_rate=schedule(args.gate_lr)),
-            optim.Adam(learning_rate=schedule(args.memory_lr or args.lr)),
+            *memory,
             optim.AdamW(learning_rate=schedule(args.lr), weight_decay=args.weight_decay),
         ],
-        [is_gate, is_new_parameter],
+        filters,
     )
 
 

@@ -107,6 +107,24 @@ def test_gates_and_memory_have_their_own_rates_and_no_decay(tmp_path, tokenizer_
         assert step.max() <= unit * memory_lr * 1.001 and np.median(step) > 0.99 * unit * memory_lr, k
 
 
+def test_conv_lr_moves_only_the_convolution_taps_at_its_rate(tmp_path, tokenizer_dir, default_tokenizer, books_dir):
+    memory_lr, conv_lr = 3e-3, 3e-2
+    form = {"segment_len": 64, "memory": "normalized", "conv_size": 4}
+    a = args(tmp_path / "run", tokenizer_dir, books_dir, steps=1, lr=1e-4, memory_lr=memory_lr, conv_lr=conv_lr,
+             infini=form)
+    cfg = InfiniConfig(**form, gate_init=TRAIN_GATE_INIT)
+    start = dict(tree_flatten(new_model(TINY, cfg, len(default_tokenizer.vocab), 0)[0].parameters()))
+    train(a, log=lambda s: None)
+    end = params(tmp_path / "run")
+    unit = 0.1 / np.sqrt(0.001)  # a first Adam step, as above
+    for names, rate in ((("q_conv1d", "k_conv1d", "v_conv1d"), conv_lr), (("b_proj", "o_norm"), memory_lr)):
+        keys = [k for k in end if any(f".{n}." in k for n in names)]
+        assert len(keys) == len(names) * TINY["num_hidden_layers"]
+        for k in keys:
+            step = np.abs(np.array(end[k] - start[k]))
+            assert step.max() <= unit * rate * 1.001 and np.median(step) > 0.99 * unit * rate, k
+
+
 def test_subsampled_loss_scores_the_answers_and_equals_the_full_logits(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
     from infini_mlx.train import Batches, weighted_loss
 
@@ -307,6 +325,18 @@ def test_shared_needle_values_differ_only_after_a_common_prefix(tmp_path, tokeni
     same = [len({(len(v), v[0]) for v in vals}) == 1 for vals in fact_values(0.0)]
     assert sum(same) < 5
 
+
+
+def test_needle_facts_sets_how_many_facts_a_long_needle_row_holds(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
+    from infini_mlx.data import book_tokens
+    from infini_mlx.train import Batches
+
+    books = np.array(book_tokens(default_tokenizer, books_dir, ["alice_in_wonderland_pg11.txt"]), np.int32)
+    for n, T, want in ((8, 16 * 64 + 1, 8), (8, 4 * 64 + 1, (4 * 64 + 1 - 40) // 45), (2, 16 * 64 + 1, 2)):
+        b = Batches(default_tokenizer, books, args(tmp_path, tokenizer_dir, books_dir, needle_facts=n), 64)
+        text = default_tokenizer.decode(b.needle(T)[0].tolist())
+        facts = re.findall(r"special code for (\w+) is (\d+)\.", text)
+        assert len(facts) == 2 * want and len({name for name, _ in facts}) == want, (n, T, facts)
 
 
 def test_needle_values_do_not_depend_on_the_hash_seed():
