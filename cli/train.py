@@ -137,6 +137,10 @@ def train(
         float,
         typer.Option(min=0.0, help="With write_gate clip: the clip's backward slope where it writes nothing, so dead writes can revive."),
     ] = 0.0,
+    key_overlap: Annotated[
+        float,
+        typer.Option(min=0.0, help="Add this times the write-weighted mean squared cosine of written keys to the loss."),
+    ] = 0.0,
     write_penalty_layers: Annotated[
         Optional[str],
         typer.Option(help="Layers (from 0, e.g. 0,1,2) --write-penalty acts on (default: every layer)."),
@@ -223,6 +227,7 @@ def train(
         carry_ask_chain=carry_ask_chain,
         write_penalty=write_penalty,
         write_leak=write_leak,
+        key_overlap=key_overlap,
         write_penalty_layers=_layers("--write-penalty-layers", write_penalty_layers) if write_penalty_layers else None,
         write_leak_layers=_layers("--write-leak-layers", write_leak_layers) if write_leak_layers else None,
         seed=seed,

@@ -174,6 +174,8 @@ class InfiniAttention(nn.Module):
             cache.conv_b = lasts[3]
         if cache.write_log is not None and beta is not None:
             cache.write_log.append(logged)
+        if cache.key_log is not None and beta is not None:
+            cache.key_log.append((k, logged))
         return q, k, v, beta
 
     def _read_write(self, qm, km, vm, beta, cache: InfiniCache):

@@ -42,6 +42,8 @@ class InfiniCache(_BaseCache):
         self.conv_q = self.conv_k = self.conv_v = self.conv_b = None
         # A list to which the layer appends its write strengths (training penalises them).
         self.write_log = None
+        # Training only: a list to which the layer appends (keys, write strengths) (train.key_overlap).
+        self.key_log = None
         # Training only: the clip's gradient where it writes nothing (memory.leaky_write).
         self.write_leak = 0.0
 

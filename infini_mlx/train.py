@@ -105,6 +105,13 @@ class TrainArgs:
             it writes nothing, as a fraction of its slope inside, so a token or
             a layer that stopped writing can learn to write again; the forward
             pass and ``write_penalty`` are unchanged.
+        key_overlap: Add this times the mean squared cosine between the keys
+            of two different written tokens of a sequence, each pair weighted
+            by the product of their write strengths (``key_overlap``), per
+            layer and head: with the delta rule, writing under key k_j erases
+            the share (k_i . k_j)^2 of what was stored under k_i, so facts
+            written under alike keys overwrite one another. Acts on
+            ``write_penalty_layers``; needs the normalised memory.
         write_penalty_layers, write_leak_layers: The layers (from 0)
             ``write_penalty`` and ``write_leak`` act on; ``None``: every layer.
             A layer spared the penalty and given the leak can learn to write
@@ -183,6 +190,7 @@ class TrainArgs:
     carry_ask_chain: bool = False
     write_penalty: float = 0.0
     write_leak: float = 0.0
+    key_overlap: float = 0.0
     write_penalty_layers: Optional[List[int]] = None
     write_leak_layers: Optional[List[int]] = None
     key_digits: str = "paper"
@@ -526,19 +534,23 @@ def logits_at(model, x, idx, cache=None):
     return model.model.embed_tokens.as_linear(h)
 
 
-def weighted_loss(model, x, y, w, idx=None, cache=None, write_penalty=0.0):
+def weighted_loss(model, x, y, w, idx=None, cache=None, write_penalty=0.0, key_overlap_weight=0.0):
     """Token cross-entropy weighted by ``w``, normalised by the total weight.
 
     With ``idx``, ``y`` and ``w`` hold only the targets at those positions;
     ``cache`` (one ``InfiniCache`` per layer) is the memory to start from.
     With ``write_penalty``, the caches' ``write_log`` lists collect the write
-    strengths, and their mean times ``write_penalty`` is added.
+    strengths, and their mean times ``write_penalty`` is added; with
+    ``key_overlap_weight``, their ``key_log`` lists, and ``mean_key_overlap``
+    times it is added.
     """
     logits = model(x, cache=cache) if idx is None else logits_at(model, x, idx, cache)
     ce = nn.losses.cross_entropy(logits, y)
     loss = (ce * w).sum() / w.sum()
     if write_penalty:
         loss = loss + write_penalty * mean_write_strength(cache)
+    if key_overlap_weight:
+        loss = loss + key_overlap_weight * mean_key_overlap(cache)
     return loss
 
 
@@ -555,12 +567,45 @@ def logged_cache(model, layers: Optional[List[int]] = None):
 
 
 def step_cache(model, args: TrainArgs):
-    """A training step's fresh caches: logging where ``write_penalty`` acts, leaking where ``write_leak`` does."""
+    """A training step's fresh caches: logging where ``write_penalty`` and ``key_overlap`` act,
+    leaking where ``write_leak`` does."""
     cache = logged_cache(model, args.write_penalty_layers) if args.write_penalty else model.make_cache()
     for i, c in enumerate(cache):
         if args.write_leak_layers is None or i in args.write_leak_layers:
             c.write_leak = args.write_leak
+        if args.key_overlap and (args.write_penalty_layers is None or i in args.write_penalty_layers):
+            c.key_log = []
     return cache
+
+
+def key_overlap(k: mx.array, beta: mx.array):
+    """Write-weighted squared cosines of two different written tokens' keys.
+
+    Args:
+        k: Unit keys, shape (B, H, N, D).
+        beta: Write strengths, shape (B, H, N).
+
+    Returns:
+        ``(num, den)``, each of shape (B, H): sum_{i != j} b_i b_j (k_i . k_j)^2
+        and sum_{i != j} b_i b_j; their ratio is the weighted mean.
+    """
+    # sum_{i,j} b_i b_j (k_i . k_j)^2 = ||K^T diag(b) K||_F^2: (D, D), not (N, N); i == j adds b_i^2.
+    A = (k * beta[..., None]).swapaxes(-1, -2) @ k
+    b2 = (beta * beta).sum(-1)
+    return (A * A).sum((-2, -1)) - b2, beta.sum(-1) ** 2 - b2
+
+
+def mean_key_overlap(cache, eps: float = 1e-6) -> mx.array:
+    """Per logging layer, the weighted mean of ``key_overlap`` over all its rows and heads
+    (pooled, so rows that write little weigh little); averaged over layers."""
+    per_layer = []
+    for c in cache:
+        if c.key_log:
+            k = mx.concatenate([k for k, _ in c.key_log], axis=2).astype(mx.float32)
+            b = mx.concatenate([b for _, b in c.key_log], axis=2).astype(mx.float32)
+            num, den = key_overlap(k, b)
+            per_layer.append(num.sum() / (den.sum() + eps))
+    return mx.stack(per_layer).mean()
 
 
 def mean_write_strength(cache) -> mx.array:
@@ -700,8 +745,9 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
         start_gates(model, args.infini.get("gate_init", TRAIN_GATE_INIT))
     cfg = model.infini_config
     config["infini"] = cfg.to_dict()
-    if args.write_penalty and cfg.memory != "normalized":
-        raise ValueError("write_penalty needs the normalised memory (infini.memory = normalized)")
+    for name in ("write_penalty", "key_overlap"):
+        if getattr(args, name) and cfg.memory != "normalized":
+            raise ValueError(f"{name} needs the normalised memory (infini.memory = normalized)")
     if args.write_leak and (cfg.memory != "normalized" or cfg.write_gate != "clip"):
         raise ValueError("write_leak needs the clip write gate (infini.write_gate = clip)")
     n_layers = len(model.layers)
@@ -737,7 +783,7 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
     loss_and_grad = nn.value_and_grad(model, weighted_loss)
 
     def step_fn(x, y, w, idx, cache):
-        loss, grads = loss_and_grad(model, x, y, w, idx, cache, args.write_penalty)
+        loss, grads = loss_and_grad(model, x, y, w, idx, cache, args.write_penalty, args.key_overlap)
         opt.update(model, clip_by_norm(grads, args.grad_clip))
         return loss
 
@@ -759,7 +805,7 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
         if args.carry_state and not args.carry_ask:  # (after the batch, as runs before carry_ask drew it)
             go_on = batches.rng.random() < args.carry_state
         cache = None
-        if args.carry_state or args.write_penalty or args.write_leak:
+        if args.carry_state or args.write_penalty or args.write_leak or args.key_overlap:
             cache = step_cache(model, args)
         if args.carry_state:
             go_on = go_on and carried is not None and carried[0][0].shape[0] == x.shape[0]
@@ -779,6 +825,8 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> Path:
         rec = {"step": step + 1, "loss": loss.item(), "len": x.shape[1], "s": round(trainer["seconds"], 1)}
         if args.write_penalty:
             rec["beta"] = round(mean_write_strength(cache).item(), 4)
+        if args.key_overlap:
+            rec["overlap"] = round(mean_key_overlap(cache).item(), 4)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             model.eval()
             rec["probe"] = probe_retrieval(model, batches, args.eval_segments)

@@ -284,6 +284,55 @@ def test_write_penalty_and_leak_act_on_the_layers_named(tmp_path, tokenizer_dir,
                    write_penalty_layers=[2]), log=lambda s: None)
 
 
+def pairwise_overlap(k, b):
+    """sum_{i != j} b_i b_j (k_i . k_j)^2 and sum_{i != j} b_i b_j, pair by pair."""
+    num = den = 0.0
+    for i in range(len(b)):
+        for j in range(len(b)):
+            if i != j:
+                num += b[i] * b[j] * float(k[i] @ k[j]) ** 2
+                den += b[i] * b[j]
+    return num, den
+
+
+def test_key_overlap_is_the_write_weighted_mean_squared_cosine_of_written_keys(tmp_path, default_tokenizer):
+    from infini_mlx.train import key_overlap, mean_key_overlap, step_cache
+
+    rng = np.random.default_rng(0)
+    k = rng.standard_normal((2, 3, 9, 4))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    b = rng.random((2, 3, 9)) * (rng.random((2, 3, 9)) < 0.6)
+    num, den = key_overlap(mx.array(k, mx.float32), mx.array(b, mx.float32))
+    want = np.array([[pairwise_overlap(k[r, h], b[r, h]) for h in range(3)] for r in range(2)])
+    assert np.allclose(np.array(num), want[..., 0], rtol=1e-4, atol=1e-6)
+    assert np.allclose(np.array(den), want[..., 1], rtol=1e-4, atol=1e-6)
+
+    # In training: layer 1's keys and strengths, logged segment by segment, pooled over the sequence.
+    form = InfiniConfig(segment_len=16, memory="normalized", conv_size=4, write_gate="clip")
+    model, _ = new_model(TINY, form, len(default_tokenizer.vocab), seed=0)
+    for l in model.layers:  # about half the tokens write
+        l.self_attn.b_proj.weight = 8.0 * mx.random.normal(l.self_attn.b_proj.weight.shape, key=mx.random.key(1))
+    attn, seen = model.layers[1].self_attn, []
+    inputs = attn._memory_inputs
+    attn._memory_inputs = lambda *a: seen.append(inputs(*a)) or seen[-1]
+    c = step_cache(model, TrainArgs(out=str(tmp_path), key_overlap=1.0, write_penalty=1.0, write_penalty_layers=[1]))
+    assert c[0].key_log is None and c[1].key_log == []
+    x = mx.array(passkey_prompt(Pieces(default_tokenizer), 200, 0.2, 4321).array()[None, :64])
+    for i in range(0, 64, 16):  # a segment per call: the log pools them
+        model(x[:, i : i + 16], cache=c)
+    K = np.concatenate([np.array(s[1]) for s in seen], axis=2)[0]
+    B = np.concatenate([np.array(s[3]) for s in seen], axis=2)[0]
+    assert len(seen) == 4 and (B > 0).mean() > 0.2
+    pairs = np.array([pairwise_overlap(K[h], B[h]) for h in range(K.shape[0])])
+    assert np.isclose(mean_key_overlap(c).item(), pairs[:, 0].sum() / pairs[:, 1].sum(), rtol=1e-4)
+
+
+def test_key_overlap_needs_the_normalised_memory(tmp_path, tokenizer_dir, books_dir):
+    with pytest.raises(ValueError, match="key_overlap needs the normalised memory"):
+        train(args(tmp_path / "r", tokenizer_dir, books_dir, steps=1, key_overlap=1.0), log=lambda s: None)
+    assert not (tmp_path / "r" / "checkpoint").exists()
+
+
 def test_key_digits_draw_each_key_length_as_documented(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
     from infini_mlx.train import Batches
 
