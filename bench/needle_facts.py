@@ -8,7 +8,10 @@ The prompts of ``infini passkey --needle`` (book text of the training books,
 with 1 to 4 facts. One fact at every length separates fading (text read after
 a fact erases it) from interference (four facts in a short prompt); a miss
 that answers another fact's value is counted apart. Seeded by length and
-number of facts, so models are compared on the same prompts.
+number of facts, so models are compared on the same prompts. With several
+facts, the last two columns split the exact answers by where the asked fact
+was written: first or last of them (a delta-rule memory's later writes
+overwrite earlier ones under alike keys).
 """
 
 import argparse
@@ -39,7 +42,7 @@ def main():
     model, tok = infini_mlx.load(a.model)
     pieces = Pieces(tok)
     hay = needle_hay(tok)
-    print(f"{'length':>7} {'facts':>5} {'exact':>6} {'another fact':>13} trials")
+    print(f"{'length':>7} {'facts':>5} {'exact':>6} {'another fact':>13} trials {'first written':>13} {'last written':>13}")
     for L in map(parse_length, a.lengths.split(",")):
         for nf in map(int, a.facts.split(",")):
             rng = np.random.default_rng([0, L, nf])
@@ -50,14 +53,20 @@ def main():
                 start, ask = int(rng.integers(0, len(hay) - L)), int(rng.integers(nf))
                 prompts.append((facts, needle_prompt(pieces, hay, L, facts, rng.random(nf), ask, start)))
             hit = other = 0
+            ends = {0: [0, 0], nf - 1: [0, 0]}  # write rank -> [exact, asked]
             for i in range(0, a.trials, a.batch):
                 chunk = prompts[i : i + a.batch]
                 cache, logits = prefill_batch(model, [q.tokens() for _, q in chunk], L)
                 for got, (facts, q) in zip(greedy_answers(model, tok, cache, logits), chunk):
                     hit += got == q.answer
                     other += got != q.answer and got in [v for _, v in facts]
+                    rank = q.facts.index(q.answer)
+                    if rank in ends:
+                        ends[rank][0] += got == q.answer
+                        ends[rank][1] += 1
             n = a.trials
-            print(f"{format_length(L):>7} {nf:>5} {hit / n:>6.0%} {other / n:>13.0%} {n:>6}", flush=True)
+            split = "".join(f" {f'{h}/{m}':>13}" for h, m in (ends[0], ends[nf - 1])) if nf > 1 else ""
+            print(f"{format_length(L):>7} {nf:>5} {hit / n:>6.0%} {other / n:>13.0%} {n:>6}{split}", flush=True)
 
 
 if __name__ == "__main__":
