@@ -107,8 +107,8 @@ class TrainArgs:
             pass and ``write_penalty`` are unchanged.
         key_overlap: Add this times the mean squared cosine between the keys
             of two different written tokens of a sequence, each pair weighted
-            by the product of their write strengths (``key_overlap``), per
-            layer and head: with the delta rule, writing under key k_j erases
+            by the product of their write strengths (``key_overlap``; no
+            gradient through the strengths), per layer and head: with the delta rule, writing under key k_j erases
             the share (k_i . k_j)^2 of what was stored under k_i, so facts
             written under alike keys overwrite one another. Acts on
             ``write_penalty_layers``; needs the normalised memory.
@@ -603,7 +603,9 @@ def mean_key_overlap(cache, eps: float = 1e-6) -> mx.array:
         if c.key_log:
             k = mx.concatenate([k for k, _ in c.key_log], axis=2).astype(mx.float32)
             b = mx.concatenate([b for _, b in c.key_log], axis=2).astype(mx.float32)
-            num, den = key_overlap(k, b)
+            # The strengths only weigh the pairs: a penalty through them lowered the writes of
+            # facts' first digits instead of moving their keys apart (stages 53-54).
+            num, den = key_overlap(k, mx.stop_gradient(b))
             per_layer.append(num.sum() / (den.sum() + eps))
     return mx.stack(per_layer).mean()
 

@@ -326,6 +326,19 @@ def test_key_overlap_is_the_write_weighted_mean_squared_cosine_of_written_keys(t
     pairs = np.array([pairwise_overlap(K[h], B[h]) for h in range(K.shape[0])])
     assert np.isclose(mean_key_overlap(c).item(), pairs[:, 0].sum() / pairs[:, 1].sum(), rtol=1e-4)
 
+    # The strengths only weigh the pairs: the penalty moves keys, not what is written.
+    attn._memory_inputs = inputs
+
+    def penalty(model):
+        c = step_cache(model, TrainArgs(out=str(tmp_path), key_overlap=1.0, write_penalty=1.0, write_penalty_layers=[1]))
+        model(x, cache=c)
+        return mean_key_overlap(c)
+
+    _, g = nn.value_and_grad(model, penalty)(model)
+    g = g["model"]["layers"][1]["self_attn"]
+    assert mx.abs(g["b_proj"]["weight"]).max().item() == 0.0
+    assert mx.abs(g["k_proj"]["weight"]).max().item() > 0.0
+
 
 def test_key_overlap_needs_the_normalised_memory(tmp_path, tokenizer_dir, books_dir):
     with pytest.raises(ValueError, match="key_overlap needs the normalised memory"):
