@@ -15,7 +15,11 @@ write strength: aligned keys of cosine 0.9 make four facts overwrite one
 another. A last line asks whether the keys' common direction is to blame
 (SiLU makes them nearly non-negative): the same cosines at the value's first
 digit, and of random pairs, once every key has the mean key of its head
-(over all prompts) taken away and is normalised again.
+(over all prompts) taken away and is normalised again. The last line asks
+whether the question finds its fact: the memory query of the token before
+the answer's first digit (the prompt, then the answer's "▁"), its cosine
+with the asked fact's first-digit key and with the other facts', and how
+often the asked fact's key is the nearest of the four.
 """
 
 import argparse
@@ -48,16 +52,19 @@ def main():
     attn._memory_inputs = lambda *args: seen.append(inputs(*args)) or seen[-1]
 
     rng = np.random.default_rng(0)
-    cross, rand, labels = [], [], None
+    cross, rand, labels, asked = [], [], None, []
     keys, first_digits = [], []  # every prompt's keys; each fact's first-digit position
     for _ in range(a.prompts):
         names = rng.choice(len(NEEDLE_NAMES), 4, replace=False)
         facts = [(NEEDLE_NAMES[i], int(rng.integers(10000, MAX_PASSKEY + 1))) for i in names]
         start = int(rng.integers(0, len(hay) - 1024))
-        x = list(needle_prompt(pieces, hay, 1024, facts, rng.random(4), int(rng.integers(4)), start).tokens())
+        ask = int(rng.integers(4))
+        x = list(needle_prompt(pieces, hay, 1024, facts, rng.random(4), ask, start).tokens())
+        x += pieces.word(str(facts[ask][1]))[:1]  # the answer's "▁": its query reads the first digit
         seen.clear()
         mx.eval(model(mx.array(x)[None], cache=logged_cache(model)))
         k = np.array(mx.concatenate([s[1] for s in seen], axis=2)[0])  # H, N, D
+        q = np.array(mx.concatenate([s[0] for s in seen], axis=2)[0])[:, -1]  # H, D
         b = np.array(mx.concatenate([s[3] for s in seen], axis=-2)[0]).reshape(k.shape[0], -1)
         firsts = []  # position of each fact's " is"
         for name, value in facts:
@@ -66,6 +73,9 @@ def main():
             firsts.append(s + len(pieces.line(f"The special code for {name} is")) - 1)
         keys.append(k)
         first_digits.append([f + 2 for f in firsts])  # " is", "▁", then the first digit
+        for h in range(k.shape[0]):
+            c = k[h, first_digits[-1]] @ q[h]
+            asked.append((h, c[ask], np.delete(c, ask).mean(), c[ask] > np.delete(c, ask).max()))
         if labels is None:
             labels = tok.convert_ids_to_tokens([x[firsts[0] + o] for o in range(OFFSETS)])
         for h in range(k.shape[0]):
@@ -97,6 +107,12 @@ def main():
             rr.append(np.mean(np.sum(c[r[:, 0]] * c[r[:, 1]], -1)))
         cells.append(f"head {h} {np.mean(ff):.2f} (random {np.mean(rr):.2f})")
     print("first digit, the mean key taken away: " + ", ".join(cells))
+    asked = np.array(asked, dtype=np.float64)
+    cells = []
+    for h in range(int(asked[:, 0].max()) + 1):
+        m = asked[asked[:, 0] == h]
+        cells.append(f"head {h} {m[:, 1].mean():.2f} vs {m[:, 2].mean():.2f}, nearest {m[:, 3].mean():.0%}")
+    print("the question's query, first-digit keys of the asked fact vs another: " + ", ".join(cells))
 
 
 if __name__ == "__main__":
