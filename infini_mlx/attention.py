@@ -166,7 +166,9 @@ class InfiniAttention(nn.Module):
         # One decoded token: compiled, since its many small ops cost more than their math.
         compiled = L == 1 and normalized and bool(cfg.conv_size)
         leak = cache.write_leak if normalized and cfg.write_gate == "clip" else 0.0
-        f = _memory_inputs_fn(bool(cfg.conv_size), normalized and cfg.write_gate, cfg.write_conv, compiled, leak)
+        f = _memory_inputs_fn(
+            bool(cfg.conv_size), normalized and cfg.write_gate, cfg.write_conv, compiled, leak, cfg.write_scale
+        )
         q, k, v, beta, logged, lasts = f(q, k, v, b, prevs, ws)
         if cfg.conv_size:
             cache.conv_q, cache.conv_k, cache.conv_v = lasts[:3]
@@ -292,13 +294,14 @@ class InfiniAttention(nn.Module):
 
 
 @lru_cache(maxsize=None)
-def _memory_inputs_fn(conv: bool, write_gate, write_conv: bool, compiled: bool, leak: float = 0.0):
+def _memory_inputs_fn(conv: bool, write_gate, write_conv: bool, compiled: bool, leak: float = 0.0, scale: float = 1.0):
     """(q, k, v, b, conv states, conv weights) -> the memory's q, k, v, beta, the beta to
     log (without ``leak``: the write penalty acts on what is written) and the next conv states.
 
     ``write_gate``: the normalised memory's ``InfiniConfig.write_gate``; falsy for the paper's.
     ``write_conv``: the fourth conv state and weight are the write logits'.
     ``leak``: the clip's gradient where it cuts off (training only; ``leaky_write``).
+    ``scale``: ``InfiniConfig.write_scale``, times every write strength.
     """
 
     def f(q, k, v, b, prevs, ws):
@@ -319,6 +322,8 @@ def _memory_inputs_fn(conv: bool, write_gate, write_conv: bool, compiled: bool, 
                 b, last = short_conv(b.astype(mx.float32), prevs[3], ws[3])
                 lasts.append(last)
             beta = write_strength(b, write_gate)
+            if scale != 1.0:
+                beta = beta * scale
             logged = beta = beta.transpose(0, 2, 1)
             if leak:
                 beta = leaky_write(logged, b.transpose(0, 2, 1), leak)

@@ -79,6 +79,12 @@ class InfiniConfig:
             whether a token writes can depend on the tokens just before it
             (a deviation: the "." that ends a key may write while the "." of
             filler does not). Needs the normalised memory and ``conv_size``.
+        write_scale: Multiply every write strength beta_t by this, in (0, 1]
+            (a deviation, for the normalised memory): the delta rule then
+            moves a key's stored value only that share of the way to the new
+            one, so a later write under a like key erases less of an
+            earlier fact; the read-out's RMSNorm makes the memory's overall
+            scale irrelevant. 1: DeltaNet's rule.
         memory_trained: Whether the memory was trained (the trainer records
             ``True`` once it has taken a step). ``None``: not recorded;
             ``infini_mlx.load`` then decides from the saved gates (see
@@ -100,6 +106,7 @@ class InfiniConfig:
     conv_size: int = 0
     write_gate: str = "sigmoid"
     write_conv: bool = False
+    write_scale: float = 1.0
     memory_trained: Optional[bool] = None
 
     def __post_init__(self):
@@ -117,6 +124,11 @@ class InfiniConfig:
             raise ValueError(f"infini.write_conv must be true or false, got {self.write_conv!r}")
         if self.write_conv and (self.memory != "normalized" or not self.conv_size):
             raise ValueError("write_conv needs the normalized memory and a conv_size")
+        if isinstance(self.write_scale, bool) or not isinstance(self.write_scale, (int, float)) or not 0 < self.write_scale <= 1:
+            raise ValueError(f"infini.write_scale must be a number in (0, 1], got {self.write_scale!r}")
+        self.write_scale = float(self.write_scale)
+        if self.write_scale != 1.0 and self.memory != "normalized":
+            raise ValueError("write_scale needs the normalized memory")
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(

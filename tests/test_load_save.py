@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 from tiny import VOCAB, save_base
 
 import infini_mlx
-from infini_mlx import InfiniSession, ModelNotFoundError
+from infini_mlx import InfiniConfig, InfiniSession, ModelNotFoundError
 from infini_mlx.utils import DEFAULT_MODEL, memory_trained
 
 
@@ -67,6 +67,11 @@ def test_new_memory_parameters_round_trip_and_fine_tuning_switch(tmp_path):
     assert mx.allclose(conv(tokens), expected, atol=1e-5)
     with pytest.raises(ValueError, match="write_conv needs"):
         infini_mlx.load(tmp_path / "base", infini={"write_conv": True})
+    with pytest.raises(ValueError, match="write_scale needs"):
+        infini_mlx.load(tmp_path / "base", infini={"write_scale": 0.5})
+    for bad in (0, 1.5, "0.5", True):
+        with pytest.raises(ValueError, match="write_scale must be"):
+            InfiniConfig(memory="normalized", write_scale=bad)
     # A wider window for fine-tuning: the saved taps are the newest ones, the model unchanged.
     wide, _ = infini_mlx.load(tmp_path / "out", infini={"conv_size": 7})
     assert wide.layers[0].self_attn.k_conv1d.weight.shape == (a.k_conv1d.weight.shape[0], 7)

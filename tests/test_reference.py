@@ -67,6 +67,7 @@ def np_infini(x, Wq, Wk, Wv, Wo, beta, cfg, extra=None):
             wb = np.minimum(np.maximum(0.5 + b / 4, 0.0), 1.0)
         else:
             wb = 1 / (1 + np.exp(-b))
+        wb = wb * cfg.get("write_scale", 1.0)
     # Which memory (KV head) each query head reads.
     kv_of = [h // R if cfg["gqa"] == "interleave" else h % HKV for h in range(H)]
     M = np.zeros((Bx, HKV, D, D))
@@ -133,6 +134,8 @@ CASES = [
          write_gate="clip"),
     dict(update="delta", gqa="interleave", rope="segment", first="zero", memory="normalized", conv=4,
          write_gate="clip", write_conv=True),
+    dict(update="delta", gqa="interleave", rope="segment", first="zero", memory="normalized", conv=4,
+         write_gate="clip", write_conv=True, write_scale=0.4),
 ]
 
 
@@ -162,6 +165,7 @@ def test_layer_matches_numpy_reference(case, cuts):
         conv_size=case.get("conv", 0),
         write_gate=case.get("write_gate", "sigmoid"),
         write_conv=case.get("write_conv", False),
+        write_scale=case.get("write_scale", 1.0),
     )
     layer = InfiniAttention(base, cfg)
     layer.gate = mx.random.normal((H,))
