@@ -108,10 +108,12 @@ class TrainArgs:
         key_overlap: Add this times the mean squared cosine between the keys
             of two different written tokens of a sequence, each pair weighted
             by the product of their write strengths (``key_overlap``; no
-            gradient through the strengths), per layer and head: with the delta rule, writing under key k_j erases
-            the share (k_i . k_j)^2 of what was stored under k_i, so facts
-            written under alike keys overwrite one another. Acts on
-            ``write_penalty_layers``; needs the normalised memory.
+            gradient through the strengths), pooled over rows and heads per
+            layer and averaged over layers: with the delta rule, writing
+            under key k_j erases the share (k_i . k_j)^2 of what was stored
+            under k_i, so facts written under alike keys overwrite one
+            another. Acts on ``write_penalty_layers``; needs the normalised
+            memory.
         write_penalty_layers, write_leak_layers: The layers (from 0)
             ``write_penalty`` and ``write_leak`` act on; ``None``: every layer.
             A layer spared the penalty and given the leak can learn to write
