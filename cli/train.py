@@ -129,6 +129,10 @@ def train(
         bool,
         typer.Option("--carry-ask-chain", help="--carry-ask asks any fact written since the memory was last empty, not only the last needle's."),
     ] = False,
+    chain_new_names: Annotated[
+        bool,
+        typer.Option("--chain-new-names", help="With --carry-ask-chain, a needle's names are ones its row's memory does not hold yet: no name is written twice."),
+    ] = False,
     write_penalty: Annotated[
         float,
         typer.Option(min=0.0, help="Add this times the mean write strength of the normalised memory to the loss."),
@@ -225,6 +229,7 @@ def train(
         carry_state=carry_state,
         carry_ask=carry_ask,
         carry_ask_chain=carry_ask_chain,
+        chain_new_names=chain_new_names,
         write_penalty=write_penalty,
         write_leak=write_leak,
         key_overlap=key_overlap,

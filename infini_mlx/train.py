@@ -146,6 +146,10 @@ class TrainArgs:
             memory was last empty (a name written again: its newest value),
             not only the last needle's: facts held over longer stretches of
             text, among more others, as in the multi-key needle evaluation.
+        chain_new_names: With ``carry_ask_chain``, a needle's names are ones
+            its row's memory does not hold yet (while enough are left), so no
+            name is written again and no question rewards a write that erases
+            a like key's older fact, as in the evaluation, whose names differ.
         seed: Seeds the initial weights and the data stream.
         freeze_base: Train only the parameters Infini adds (gates and the
             memory's own: convolutions, write strengths, read-out norm) of
@@ -190,6 +194,7 @@ class TrainArgs:
     carry_state: float = 0.0
     carry_ask: float = 0.0
     carry_ask_chain: bool = False
+    chain_new_names: bool = False
     write_penalty: float = 0.0
     write_leak: float = 0.0
     key_overlap: float = 0.0
@@ -266,9 +271,11 @@ class Batches:
             raise ValueError(f"key_digits must be 'paper', 'uniform' or 'mixed', got {args.key_digits!r}")
         if args.carry_ask and not args.carry_state:
             raise ValueError("carry_ask asks what a carried memory holds: it needs carry_state")
+        if args.chain_new_names and not args.carry_ask_chain:
+            raise ValueError("chain_new_names draws a chain's needle names: it needs carry_ask_chain")
         # Per row: the facts its memory holds, name -> value (carry_ask).
         self.held: List[Optional[Dict[str, int]]] = [None] * args.batch_size
-        self._facts, self._avoid = None, None
+        self._facts, self._avoid, self._ask = None, set(), None
         tasks = [t for t, p in args.mix.items() if p > 0]
         p = np.array([args.mix[t] for t in tasks], dtype=np.float64)
         self.tasks, self.p = tasks, p / p.sum()
@@ -352,10 +359,11 @@ class Batches:
         """Facts in book text, then every fact asked and answered, in random order."""
         r = self.rng
         n_facts = max(1, min(self.args.needle_facts, (T - 40) // 45))  # fewer facts in short sequences
-        if self._avoid:  # a name asked at the end must keep its earlier value
-            names = r.choice([i for i, s in enumerate(NEEDLE_NAMES) if s != self._avoid], n_facts, replace=False)
-        else:
-            names = r.choice(len(NEEDLE_NAMES), n_facts, replace=False)
+        # A name asked at the end must keep its earlier value; chain_new_names also avoids the held ones.
+        free = [i for i, s in enumerate(NEEDLE_NAMES) if s not in self._avoid]
+        if len(free) < n_facts:
+            free = [i for i, s in enumerate(NEEDLE_NAMES) if s != self._ask]
+        names = r.choice(free, n_facts, replace=False)
         facts = list(zip((NEEDLE_NAMES[i] for i in names), self.needle_values(n_facts)))
         self._facts = facts
         order = r.permutation(n_facts)
@@ -459,9 +467,13 @@ class Batches:
         if held and self.rng.random() < self.args.carry_ask:
             name, value = list(held.items())[int(self.rng.integers(len(held)))]
             ask = [(self.pieces.nl + self.pieces.line(needle_question(name)), False), (self.answer(value), True)]
-        self._facts, self._avoid = None, (name if ask else None)
+        self._ask = name if ask else None
+        self._avoid = {self._ask} - {None}
+        if held and self.args.carry_ask_chain and self.args.chain_new_names:
+            self._avoid |= set(held)
+        self._facts = None
         toks, w, n = getattr(self, task)(T - sum(len(c) for c, _ in ask))
-        self._avoid = None
+        self._ask, self._avoid = None, set()
         if self._facts and self.args.carry_ask_chain:
             self.held[r] = {**(held or {}), **dict(self._facts)}
         else:

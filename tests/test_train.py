@@ -488,6 +488,39 @@ def test_carried_rows_ask_the_facts_their_memory_holds(tmp_path, tokenizer_dir, 
         Batches(default_tokenizer, books, args(tmp_path, tokenizer_dir, books_dir, carry_ask=0.5), 64)
 
 
+def test_chain_new_names_never_write_a_held_name_again(tmp_path, tokenizer_dir, books_dir, default_tokenizer, monkeypatch):
+    import infini_mlx.train as tr
+    from infini_mlx.data import book_tokens
+    from infini_mlx.train import Batches
+
+    monkeypatch.setattr(tr, "NEEDLE_NAMES", tr.NEEDLE_NAMES[:12])  # three needles' worth
+    books = np.array(book_tokens(default_tokenizer, books_dir, ["alice_in_wonderland_pg11.txt"]), np.int32)
+    fact = re.compile(r"(?:^|\n)The special code for (\w+) is (\d+)\.")
+    counts = {}
+    for new in (False, True):
+        a = args(tmp_path, tokenizer_dir, books_dir, batch_size=6, segments=[4, 4], carry_state=1.0, carry_ask=1.0,
+                 carry_ask_chain=True, chain_new_names=new, mix={"needle": 1.0}, seed=3)
+        b = Batches(default_tokenizer, books, a, 64)
+        held, again, fresh = [set() for _ in range(6)], 0, 0
+        for step in range(8):
+            carried = step % 4 != 0
+            x, y, _, _ = b.next(step, carried=carried)
+            rows = np.concatenate([np.array(x), np.array(y)[:, -1:]], 1)
+            for r in range(6):
+                names = [n for n, _ in fact.findall(default_tokenizer.decode(rows[r].tolist()))]
+                if not carried:
+                    held[r] = set()
+                if len(held[r]) <= 12 - len(names):  # enough names left to avoid every held one
+                    again += len(set(names) & held[r])
+                    fresh += 1
+                held[r] |= set(names)
+        counts[new] = again, fresh
+    assert counts[False][0] > 0 and counts[True][0] == 0 and counts[True][1] >= 12
+    with pytest.raises(ValueError, match="carry_ask_chain"):
+        Batches(default_tokenizer, books, args(tmp_path, tokenizer_dir, books_dir, carry_state=1.0, carry_ask=1.0,
+                                               chain_new_names=True), 64)
+
+
 def test_a_run_with_carried_questions_trains(tmp_path, tokenizer_dir, books_dir):
     lines = []
     a = args(tmp_path, tokenizer_dir, books_dir, steps=6, carry_state=1.0, carry_ask=1.0,
