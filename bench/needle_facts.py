@@ -11,7 +11,9 @@ that answers another fact's value is counted apart. Seeded by length and
 number of facts, so models are compared on the same prompts. With several
 facts, the last two columns split the exact answers by where the asked fact
 was written: first or last of them (a delta-rule memory's later writes
-overwrite earlier ones under alike keys).
+overwrite earlier ones under alike keys). ``--gaps`` also splits them by
+how far the asked fact lies from its nearest other fact (the gap in depth
+times the prompt's length, in tokens).
 """
 
 import argparse
@@ -30,6 +32,8 @@ from infini_mlx.passkey import (
 )
 from infini_mlx.tasks import MAX_PASSKEY, NEEDLE_NAMES, Pieces, needle_prompt
 
+GAP_BINS = (0, 32, 64, 128, 256)
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +42,7 @@ def main():
     p.add_argument("--facts", default="1,4", help="numbers of facts per prompt")
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--batch", type=int, default=10)
+    p.add_argument("--gaps", action="store_true", help="split exact answers by the distance to the nearest other fact")
     a = p.parse_args()
     model, tok = infini_mlx.load(a.model)
     pieces = Pieces(tok)
@@ -51,13 +56,19 @@ def main():
                 names = rng.choice(len(NEEDLE_NAMES), nf, replace=False)
                 facts = [(NEEDLE_NAMES[i], int(rng.integers(1, MAX_PASSKEY + 1))) for i in names]
                 start, ask = int(rng.integers(0, len(hay) - L)), int(rng.integers(nf))
-                prompts.append((facts, needle_prompt(pieces, hay, L, facts, rng.random(nf), ask, start)))
+                depths = rng.random(nf)
+                gap = min((abs(depths[ask] - d) for j, d in enumerate(depths) if j != ask), default=1.0) * L
+                prompts.append((facts, needle_prompt(pieces, hay, L, facts, depths, ask, start), gap))
             hit = other = 0
+            by_gap = {b: [0, 0] for b in GAP_BINS}
             ends = {0: [0, 0], nf - 1: [0, 0]}  # write rank -> [exact, asked]
             for i in range(0, a.trials, a.batch):
                 chunk = prompts[i : i + a.batch]
-                cache, logits = prefill_batch(model, [q.tokens() for _, q in chunk], L)
-                for got, (facts, q) in zip(greedy_answers(model, tok, cache, logits), chunk):
+                cache, logits = prefill_batch(model, [q.tokens() for _, q, _ in chunk], L)
+                for got, (facts, q, gap) in zip(greedy_answers(model, tok, cache, logits), chunk):
+                    b = max(b for b in GAP_BINS if gap >= b)
+                    by_gap[b][0] += got == q.answer
+                    by_gap[b][1] += 1
                     hit += got == q.answer
                     other += got != q.answer and got in [v for _, v in facts]
                     rank = q.facts.index(q.answer)
@@ -67,6 +78,9 @@ def main():
             n = a.trials
             split = "".join(f" {f'{h}/{m}':>13}" for h, m in (ends[0], ends[nf - 1])) if nf > 1 else ""
             print(f"{format_length(L):>7} {nf:>5} {hit / n:>6.0%} {other / n:>13.0%} {n:>6}{split}", flush=True)
+            if a.gaps and nf > 1:
+                cells = ", ".join(f"{b}+: {h}/{m}" for b, (h, m) in by_gap.items() if m)
+                print(f"{'':>7} nearest other fact (tokens) {cells}", flush=True)
 
 
 if __name__ == "__main__":
