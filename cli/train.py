@@ -129,6 +129,10 @@ def train(
         bool,
         typer.Option("--carry-ask-chain", help="--carry-ask asks any fact written since the memory was last empty, not only the last needle's."),
     ] = False,
+    first_fact_weight: Annotated[
+        float,
+        typer.Option(min=0.0, help="Multiply the answer weight of the fact a needle sequence writes first by this."),
+    ] = 1.0,
     chain_new_names: Annotated[
         bool,
         typer.Option("--chain-new-names", help="With --carry-ask-chain, a needle's names are ones its row's memory does not hold yet: no name is written twice."),
@@ -230,6 +234,7 @@ def train(
         carry_ask=carry_ask,
         carry_ask_chain=carry_ask_chain,
         chain_new_names=chain_new_names,
+        first_fact_weight=first_fact_weight,
         write_penalty=write_penalty,
         write_leak=write_leak,
         key_overlap=key_overlap,

@@ -132,6 +132,9 @@ class TrainArgs:
             their first digits (from one to all but the last) with one drawn
             value: the next digit then depends on the name, not on the digits
             before it, so the memory must key every digit by the name.
+        first_fact_weight: Multiplies the answer weight of the fact a needle
+            sequence writes first (1.0: all alike): a delta-rule memory's later
+            writes erase earlier facts, and this tilts the loss toward keeping them.
         carry_state: Probability that a batch starts from the memory the
             previous batch ended with (no gradient through it) instead of an
             empty one: the model learns to read past earlier documents. Resuming
@@ -203,6 +206,7 @@ class TrainArgs:
     key_digits: str = "paper"
     needle_facts: int = 4
     needle_shared: float = 0.0
+    first_fact_weight: float = 1.0
     seed: int = 0
     freeze_base: bool = False
     lora_rank: int = 0
@@ -325,9 +329,12 @@ class Batches:
         return self.books[i : i + T], np.ones(T - 1, np.float32), 0
 
     def _sample(self, chunks):
-        """Concatenate (ids, is_answer) chunks into tokens and target weights."""
+        """Concatenate (ids, is_answer) chunks into tokens and target weights;
+        ``is_answer`` may be a number: the answer weight times it."""
         toks = np.concatenate([np.asarray(c, np.int32) for c, _ in chunks])
-        w = np.concatenate([np.full(len(c), self.args.answer_weight if a else 1.0, np.float32) for c, a in chunks])
+        w = np.concatenate(
+            [np.full(len(c), self.args.answer_weight * (1.0 if a is True else a) if a is not False else 1.0, np.float32) for c, a in chunks]
+        )
         return toks, w[1:], len(chunks[-1][0])
 
     def passkey(self, T: int, depth: Optional[float] = None):
@@ -370,12 +377,16 @@ class Batches:
         more = []
         for i in order[1:]:
             more += [(self.pieces.nl + self.pieces.line(needle_question(facts[i][0])), False)]
-            more += [(self.answer(facts[i][1]), True)]
+            more += [(self.answer(facts[i][1]), i)]
         ans = self.answer(facts[order[0]][1])
         n = T - len(ans) - sum(len(c) for c, _ in more)
         start = int(r.integers(0, len(self.books) - T))
-        prompt = needle_prompt(self.pieces, self.books, n, facts, r.random(n_facts), int(order[0]), start)
-        return self._sample([(prompt.array(), False), (ans, True)] + more)
+        depths = r.random(n_facts)
+        first = int(np.argmin(depths))
+        more = [(c, a if a is False else (self.args.first_fact_weight if a == first else True)) for c, a in more]
+        head = (ans, self.args.first_fact_weight if order[0] == first else True)
+        prompt = needle_prompt(self.pieces, self.books, n, facts, depths, int(order[0]), start)
+        return self._sample([(prompt.array(), False), head] + more)
 
     def copy(self, T: int):
         """Passkey lines back to back: every key's second mention is a copy target."""

@@ -528,3 +528,29 @@ def test_a_run_with_carried_questions_trains(tmp_path, tokenizer_dir, books_dir)
     train(a, log=lines.append)
     log = [json.loads(s) for s in lines[1:]]
     assert len(log) == 6 and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_first_fact_weight_weighs_the_answer_of_the_fact_written_first(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
+    from infini_mlx.data import book_tokens
+    from infini_mlx.train import Batches
+
+    books = np.array(book_tokens(default_tokenizer, books_dir, ["alice_in_wonderland_pg11.txt"]), np.int32)
+    fact = re.compile(r"(?:^|\n)The special code for (\w+) is (\d+)\.")
+    rows = {}
+    for W in (1.0, 3.0):
+        a = args(tmp_path, tokenizer_dir, books_dir, batch_size=4, segments=[4, 4], mix={"needle": 1.0},
+                 first_fact_weight=W, seed=5)
+        rows[W] = Batches(default_tokenizer, books, a, 64).next(0)
+    x1, y1, w1, _ = rows[1.0]
+    x3, y3, w3, _ = rows[3.0]
+    assert np.array_equal(np.array(x1), np.array(x3))  # the same data: only the weights change
+    for r in range(4):
+        toks = np.array(x1)[r].tolist() + [int(np.array(y1)[r, -1])]
+        first = fact.findall(default_tokenizer.decode(toks))[0][1]  # the value written first
+        # Each answer is " VALUE." after "... is"; find the first value's answer tokens independently.
+        ans = default_tokenizer.encode(" " + first + ".", add_special_tokens=False)
+        ratio = np.array(w3)[r] / np.array(w1)[r]
+        tripled = np.flatnonzero(ratio == 3.0)
+        assert len(tripled) == len(ans)
+        assert [toks[i + 1] for i in tripled] == ans  # targets of the tripled weights spell the answer
+        assert np.all(ratio[np.setdiff1d(np.arange(len(ratio)), tripled)] == 1.0)
