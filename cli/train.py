@@ -129,10 +129,6 @@ def train(
         bool,
         typer.Option("--carry-ask-chain", help="--carry-ask asks any fact written since the memory was last empty, not only the last needle's."),
     ] = False,
-    first_fact_weight: Annotated[
-        float,
-        typer.Option(min=0.0, help="Multiply the answer weight of the fact a needle sequence writes first by this."),
-    ] = 1.0,
     chain_new_names: Annotated[
         bool,
         typer.Option("--chain-new-names", help="With --carry-ask-chain, a needle's names are ones its row's memory does not hold yet: no name is written twice."),
@@ -170,6 +166,10 @@ def train(
         float,
         typer.Option(min=0.0, max=1.0, help="Probability that a needle's values share their first digits (keys by name)."),
     ] = 0.0,
+    first_fact_weight: Annotated[
+        float,
+        typer.Option(min=0.0, help="Multiply the answer weight of the fact a needle sequence writes first by this."),
+    ] = 1.0,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the initial weights and the data stream.")] = 0,
     freeze_base: Annotated[
         bool,

@@ -374,17 +374,18 @@ class Batches:
         facts = list(zip((NEEDLE_NAMES[i] for i in names), self.needle_values(n_facts)))
         self._facts = facts
         order = r.permutation(n_facts)
-        more = []
-        for i in order[1:]:
-            more += [(self.pieces.nl + self.pieces.line(needle_question(facts[i][0])), False)]
-            more += [(self.answer(facts[i][1]), i)]
-        ans = self.answer(facts[order[0]][1])
-        n = T - len(ans) - sum(len(c) for c, _ in more)
         start = int(r.integers(0, len(self.books) - T))
         depths = r.random(n_facts)
-        first = int(np.argmin(depths))
-        more = [(c, a if a is False else (self.args.first_fact_weight if a == first else True)) for c, a in more]
-        head = (ans, self.args.first_fact_weight if order[0] == first else True)
+        first = int(np.argmin(depths))  # the fact written first
+
+        def answer(i):
+            return self.answer(facts[i][1]), (self.args.first_fact_weight if i == first else True)
+
+        more = []
+        for i in order[1:]:
+            more += [(self.pieces.nl + self.pieces.line(needle_question(facts[i][0])), False), answer(i)]
+        head = answer(order[0])
+        n = T - len(head[0]) - sum(len(c) for c, _ in more)
         prompt = needle_prompt(self.pieces, self.books, n, facts, depths, int(order[0]), start)
         return self._sample([(prompt.array(), False), head] + more)
 
@@ -479,7 +480,7 @@ class Batches:
             name, value = list(held.items())[int(self.rng.integers(len(held)))]
             ask = [(self.pieces.nl + self.pieces.line(needle_question(name)), False), (self.answer(value), True)]
         self._ask = name if ask else None
-        self._avoid = {self._ask} - {None}
+        self._avoid = {name} if ask else set()
         if held and self.args.carry_ask_chain and self.args.chain_new_names:
             self._avoid |= set(held)
         self._facts = None
