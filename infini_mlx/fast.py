@@ -67,9 +67,24 @@ def _sigmoid(x):
     return 1.0 / (1.0 + _exp(-x))
 
 
-@mx.compile
-def _silu(x):
+def _silu_grad(x):
+    # s (1 + x (1 - s)): where exp(-x) is inf, s is 0 and so is the gradient (autodiff of
+    # x / (1 + exp(-x)) gives inf / inf = NaN below x = -88).
+    s = 1.0 / (1.0 + _exp(-x))
+    return s + x * s * (1.0 - s)
+
+
+@mx.custom_function
+def _silu_fn(x):
     return x / (1.0 + _exp(-x))
+
+
+@_silu_fn.vjp
+def _silu_vjp(x, cotangent, output):  # one input: the primal itself, not a tuple
+    return cotangent * _silu_grad(x)
+
+
+_silu = mx.compile(_silu_fn)
 
 
 @mx.compile
@@ -78,9 +93,18 @@ def _elu1(x):
     return mx.maximum(x, 0.0) + _exp(mx.minimum(x, 0.0))
 
 
-@mx.compile
-def _swiglu(g, x):
+@mx.custom_function
+def _swiglu_fn(g, x):
     return g / (1.0 + _exp(-g)) * x
+
+
+@_swiglu_fn.vjp
+def _swiglu_vjp(primals, cotangent, output):
+    g, x = primals
+    return cotangent * x * _silu_grad(g), cotangent * g / (1.0 + _exp(-g))
+
+
+_swiglu = mx.compile(_swiglu_fn)
 
 
 def on_cpu(x: mx.array) -> bool:

@@ -46,6 +46,17 @@ def test_gradients_match_mlx():
         assert mx.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+def test_silu_gradients_stay_finite_far_below_zero():
+    # exp(-x) overflows below x = -88: the gradient must be 0 there, not inf / inf.
+    x = mx.array([-1000.0, -100.0, -89.0, -30.0, 0.0, 30.0, 100.0])
+    ref = mx.array([0.0, 0.0, 0.0, -2.7e-12, 0.5, 1.0, 1.0])
+    assert mx.allclose(mx.grad(lambda t: fast.silu(t).sum())(x), ref, atol=1e-9)
+    up = mx.array([2.0, -1.0, 3.0, 0.5, 1.0, -2.0, 4.0])
+    dg, du = mx.grad(lambda g, u: fast._swiglu(g, u).sum(), argnums=(0, 1))(x, up)
+    assert mx.allclose(dg, ref * up, atol=1e-9)
+    assert mx.allclose(du, nn.silu(x), atol=1e-6)
+
+
 def test_elu1_matches_mlx_and_its_gradient():
     x = mx.random.normal((512,), key=mx.random.key(4)) * 5
     ref = lambda t: mx.where(t > 0, t + 1, mx.exp(mx.minimum(t, 0)))  # noqa: E731
