@@ -13,6 +13,7 @@ from .conv import ShortConv
 from .memory import (
     delta_rule,
     delta_rule_segments,
+    gated_conv,
     group_heads,
     leaky_write,
     memory_delta,
@@ -25,7 +26,9 @@ from .memory import (
 )
 
 # Parameters InfiniAttention adds to a base attention module (its own names).
-NEW_PARAMETERS = ("gate", "q_conv1d", "k_conv1d", "v_conv1d", "b_proj", "b_conv1d", "o_norm")
+NEW_PARAMETERS = (
+    "gate", "q_conv1d", "k_conv1d", "v_conv1d", "q_gate_conv1d", "k_gate_conv1d", "b_proj", "b_conv1d", "o_norm",
+)
 
 
 def is_new_parameter(path: str, _=None) -> bool:
@@ -51,7 +54,8 @@ class InfiniAttention(nn.Module):
     under their own names, so Hugging Face weight names are unchanged. New
     parameters: ``gate``, one logit beta per query head; with
     ``config.conv_size``, ``q_conv1d``/``k_conv1d``/``v_conv1d`` (identity at
-    first); with the normalised memory, ``b_proj`` (per-token write strength
+    first); with ``config.qk_gate``, ``q_gate_conv1d``/``k_gate_conv1d`` (zero
+    at first); with the normalised memory, ``b_proj`` (per-token write strength
     per KV head, sigmoid(0) = 0.5 at first) and ``o_norm`` (RMSNorm of the
     read-out), named as in flash-linear-attention's DeltaNet.
 
@@ -91,6 +95,11 @@ class InfiniAttention(nn.Module):
             self.q_conv1d = ShortConv(d_q, config.conv_size)
             self.k_conv1d = ShortConv(d_k, config.conv_size)
             self.v_conv1d = ShortConv(d_v, config.conv_size)
+        if config.qk_gate:
+            self.q_gate_conv1d = ShortConv(d_q, config.conv_size)
+            self.k_gate_conv1d = ShortConv(d_k, config.conv_size)
+            self.q_gate_conv1d.weight = mx.zeros_like(self.q_gate_conv1d.weight)
+            self.k_gate_conv1d.weight = mx.zeros_like(self.k_gate_conv1d.weight)
         if config.memory == "normalized":
             self.b_proj = nn.Linear(d_in, self.n_kv_heads, bias=False)
             self.b_proj.weight = mx.zeros_like(self.b_proj.weight)
@@ -163,11 +172,14 @@ class InfiniAttention(nn.Module):
         if cfg.write_conv:
             prevs.append(cache.conv_state("conv_b", B, cfg.conv_size, self.n_kv_heads, mx.float32))
             ws.append(self.b_conv1d.weight)
+        if cfg.qk_gate:  # after the write logits' weight: they read conv_q and conv_k's states
+            ws += [self.q_gate_conv1d.weight, self.k_gate_conv1d.weight]
         # One decoded token: compiled, since its many small ops cost more than their math.
         compiled = L == 1 and normalized and bool(cfg.conv_size)
         leak = cache.write_leak if normalized and cfg.write_gate == "clip" else 0.0
         f = _memory_inputs_fn(
-            bool(cfg.conv_size), normalized and cfg.write_gate, cfg.write_conv, compiled, leak, cfg.write_scale
+            bool(cfg.conv_size), normalized and cfg.write_gate, cfg.write_conv, compiled, leak, cfg.write_scale,
+            cfg.qk_gate,
         )
         q, k, v, beta, logged, lasts = f(q, k, v, b, prevs, ws)
         if cfg.conv_size:
@@ -294,7 +306,10 @@ class InfiniAttention(nn.Module):
 
 
 @lru_cache(maxsize=None)
-def _memory_inputs_fn(conv: bool, write_gate, write_conv: bool, compiled: bool, leak: float = 0.0, scale: float = 1.0):
+def _memory_inputs_fn(
+    conv: bool, write_gate, write_conv: bool, compiled: bool, leak: float = 0.0, scale: float = 1.0,
+    qk_gate: bool = False,
+):
     """(q, k, v, b, conv states, conv weights) -> the memory's q, k, v, beta, the beta to
     log (without ``leak``: the write penalty acts on what is written) and the next conv states.
 
@@ -302,6 +317,7 @@ def _memory_inputs_fn(conv: bool, write_gate, write_conv: bool, compiled: bool, 
     ``write_conv``: the fourth conv state and weight are the write logits'.
     ``leak``: the clip's gradient where it cuts off (training only; ``leaky_write``).
     ``scale``: ``InfiniConfig.write_scale``, times every write strength.
+    ``qk_gate``: the last two conv weights gate q's and k's convolutions (``gated_conv``).
     """
 
     def f(q, k, v, b, prevs, ws):
@@ -309,9 +325,11 @@ def _memory_inputs_fn(conv: bool, write_gate, write_conv: bool, compiled: bool, 
         if conv:
             B, _, L, _ = q.shape
             outs = []
-            for t, prev, w in zip((q, k, v), prevs[:3], ws[:3]):
+            gates = ws[-2:] + [None] if qk_gate else [None] * 3
+            for t, prev, w, wg in zip((q, k, v), prevs[:3], ws[:3], gates):
                 D = t.shape[-1]
-                y, last = short_conv(t.transpose(0, 2, 1, 3).reshape(B, L, -1), prev, w)
+                x = t.transpose(0, 2, 1, 3).reshape(B, L, -1)
+                y, last = short_conv(x, prev, w) if wg is None else gated_conv(x, prev, w, wg)
                 lasts.append(last)
                 outs.append(y.reshape(B, L, -1, D).transpose(0, 2, 1, 3))
             q, k, v = outs

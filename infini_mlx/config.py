@@ -79,6 +79,14 @@ class InfiniConfig:
             whether a token writes can depend on the tokens just before it
             (a deviation: the "." that ends a key may write while the "." of
             filler does not). Needs the normalised memory and ``conv_size``.
+        qk_gate: Multiply the convolved q and k of the memory, channel by
+            channel, by 1 + a second convolution of the same inputs
+            (``q_gate_conv1d``/``k_gate_conv1d``, zero at first, so a model
+            fine-tuned with it starts as it was), before SiLU and the L2 norm
+            (a deviation: a key can then bind the token it is written at to
+            one further back, such as a fact's name, instead of adding them).
+            It reads the same last inputs as ``conv_size``'s convolution, so
+            the streaming state does not change. Needs ``conv_size``.
         write_scale: Multiply every write strength beta_t by this, in (0, 1]
             (a deviation, for the normalised memory): the delta rule then
             moves a key's stored value only that share of the way to the new
@@ -107,6 +115,7 @@ class InfiniConfig:
     write_gate: str = "sigmoid"
     write_conv: bool = False
     write_scale: float = 1.0
+    qk_gate: bool = False
     memory_trained: Optional[bool] = None
 
     def __post_init__(self):
@@ -124,6 +133,10 @@ class InfiniConfig:
             raise ValueError(f"infini.write_conv must be true or false, got {self.write_conv!r}")
         if self.write_conv and (self.memory != "normalized" or not self.conv_size):
             raise ValueError("write_conv needs the normalized memory and a conv_size")
+        if not isinstance(self.qk_gate, bool):
+            raise ValueError(f"infini.qk_gate must be true or false, got {self.qk_gate!r}")
+        if self.qk_gate and not self.conv_size:
+            raise ValueError("qk_gate needs a conv_size")
         if isinstance(self.write_scale, bool) or not isinstance(self.write_scale, (int, float)) or not 0 < self.write_scale <= 1:
             raise ValueError(f"infini.write_scale must be a number in (0, 1], got {self.write_scale!r}")
         self.write_scale = float(self.write_scale)

@@ -135,6 +135,13 @@ def short_conv(x: mx.array, prev: mx.array, w: mx.array):
     return y, xp[:, xp.shape[1] - (W - 1) :]
 
 
+def gated_conv(x: mx.array, prev: mx.array, w: mx.array, wg: mx.array):
+    """``short_conv`` with ``w``, times 1 + ``short_conv`` with ``wg`` of the same inputs
+    (``InfiniConfig.qk_gate``); returns ``(y, last)`` as ``short_conv`` does."""
+    y, last = short_conv(x, prev, w)
+    return y * (1 + short_conv(x, prev, wg)[0]), last
+
+
 @mx.custom_function
 def _unit_lower_solve(A: mx.array, R: mx.array) -> mx.array:
     """U with (I + A) U = R, A strictly lower triangular (batched)."""

@@ -15,7 +15,7 @@ from infini_mlx.attention import NEW_PARAMETERS, is_new_parameter
 from infini_mlx.finetune import LORA_FILE, add_lora, freeze_base, lora_fused
 from infini_mlx.train import TrainArgs, train
 
-NORMALIZED = {"segment_len": 32, "memory": "normalized", "conv_size": 4, "write_conv": True}
+NORMALIZED = {"segment_len": 32, "memory": "normalized", "conv_size": 4, "write_conv": True, "qk_gate": True}
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 

@@ -67,6 +67,12 @@ def test_new_memory_parameters_round_trip_and_fine_tuning_switch(tmp_path):
     assert mx.allclose(conv(tokens), expected, atol=1e-5)
     with pytest.raises(ValueError, match="write_conv needs"):
         infini_mlx.load(tmp_path / "base", infini={"write_conv": True})
+    # qk_gate switched on for fine-tuning: its convolutions start at zero, the model unchanged.
+    gated, _ = infini_mlx.load(tmp_path / "out", infini={"qk_gate": True})
+    assert mx.array_equal(gated.layers[0].self_attn.k_gate_conv1d.weight, mx.zeros_like(a.k_conv1d.weight))
+    assert mx.array_equal(gated(tokens), expected)
+    with pytest.raises(ValueError, match="qk_gate needs"):
+        infini_mlx.load(tmp_path / "base", infini={"qk_gate": True})
     with pytest.raises(ValueError, match="write_scale needs"):
         infini_mlx.load(tmp_path / "base", infini={"write_scale": 0.5})
     for bad in (0, 1.5, "0.5", True):

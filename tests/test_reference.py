@@ -56,7 +56,10 @@ def np_infini(x, Wq, Wk, Wv, Wo, beta, cfg, extra=None):
     qm, km, vm = q, k, v
     if "conv" in extra:
         wq, wk, wv = extra["conv"]
-        qm, km, vm = heads(np_conv(qp, wq), H), heads(np_conv(kp, wk), HKV), heads(np_conv(vp, wv), HKV)
+        qc, kc = np_conv(qp, wq), np_conv(kp, wk)
+        if "qk_gate" in extra:  # times 1 + a second convolution of the same projections
+            qc, kc = qc * (1 + np_conv(qp, extra["qk_gate"][0])), kc * (1 + np_conv(kp, extra["qk_gate"][1]))
+        qm, km, vm = heads(qc, H), heads(kc, HKV), heads(np_conv(vp, wv), HKV)
     normalized = cfg.get("memory") == "normalized"
     if normalized:
         qm, km = np_l2(np_silu(qm)), np_l2(np_silu(km))
@@ -136,6 +139,9 @@ CASES = [
          write_gate="clip", write_conv=True),
     dict(update="delta", gqa="interleave", rope="segment", first="zero", memory="normalized", conv=4,
          write_gate="clip", write_conv=True, write_scale=0.4),
+    dict(update="delta", gqa="interleave", rope="segment", first="zero", memory="normalized", conv=4,
+         write_gate="clip", write_conv=True, qk_gate=True),
+    dict(update="delta", gqa="tile", rope="absolute", first="zero", conv=3, qk_gate=True),
 ]
 
 
@@ -166,6 +172,7 @@ def test_layer_matches_numpy_reference(case, cuts):
         write_gate=case.get("write_gate", "sigmoid"),
         write_conv=case.get("write_conv", False),
         write_scale=case.get("write_scale", 1.0),
+        qk_gate=case.get("qk_gate", False),
     )
     layer = InfiniAttention(base, cfg)
     layer.gate = mx.random.normal((H,))
@@ -174,6 +181,10 @@ def test_layer_matches_numpy_reference(case, cuts):
         for name in ("q_conv1d", "k_conv1d", "v_conv1d"):
             layer[name].weight = mx.random.normal(layer[name].weight.shape) * 0.7
         extra["conv"] = [np.array(layer[n].weight, np.float64) for n in ("q_conv1d", "k_conv1d", "v_conv1d")]
+    if cfg.qk_gate:  # random, not the zeros they start as
+        for name in ("q_gate_conv1d", "k_gate_conv1d"):
+            layer[name].weight = mx.random.normal(layer[name].weight.shape) * 0.5
+        extra["qk_gate"] = [np.array(layer[n].weight, np.float64) for n in ("q_gate_conv1d", "k_gate_conv1d")]
     if cfg.memory == "normalized":
         # Logits of std ~3: the clip gate writes exactly 0 or 1 for many tokens.
         layer.b_proj.weight = mx.random.normal(layer.b_proj.weight.shape) * 0.5

@@ -36,6 +36,9 @@ FORMS = {
     "normalized+conv+clip": dict(memory="normalized", conv_size=3, write_gate="clip"),
     "normalized+conv+clip+write_conv": dict(memory="normalized", conv_size=3, write_gate="clip", write_conv=True),
     "normalized+conv+clip+write_scale": dict(memory="normalized", conv_size=3, write_gate="clip", write_scale=0.5),
+    "normalized+conv+clip+write_conv+qk_gate": dict(
+        memory="normalized", conv_size=3, write_gate="clip", write_conv=True, qk_gate=True
+    ),
 }
 
 

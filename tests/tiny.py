@@ -86,7 +86,8 @@ def make_infini(family: str = "llama", seed: int = 0, **infini):
         a = layer.self_attn
         a.gate = mx.random.normal(a.gate.shape, key=mx.random.key(100 + i))
         # Convolutions and write strengths at random too, not at their identity/zero start.
-        for j, name in enumerate(("q_conv1d", "k_conv1d", "v_conv1d", "b_proj", "b_conv1d")):
+        names = ("q_conv1d", "k_conv1d", "v_conv1d", "b_proj", "b_conv1d", "q_gate_conv1d", "k_gate_conv1d")
+        for j, name in enumerate(names):
             if name in a:
                 w = a[name].weight
                 a[name].weight = 0.5 * mx.random.normal(w.shape, key=mx.random.key(200 + 10 * i + j))
