@@ -76,14 +76,15 @@ def main():
     model, tok = infini_mlx.load(a.model)
     pieces = Pieces(tok)
     lengths = list(map(parse_length, a.lengths.split(",")))
+    drawn_at = parse_length(a.prompts_of) if a.prompts_of else None
     if a.hay == "grass":  # periodic: any start will do
-        hay = np.fromiter(pieces.filler(max(lengths) + parse_length(a.prompts_of or "0") + 65536), np.int32)
+        hay = np.fromiter(pieces.filler(max(lengths) + (drawn_at or 0) + 65536), np.int32)
     else:
         hay = needle_hay(tok)
     print(f"{'length':>7} {'facts':>5} {'exact':>6} {'another fact':>13} trials {'first written':>13} {'last written':>13}")
     for L in lengths:
         for nf in map(int, a.facts.split(",")):
-            drawn = parse_length(a.prompts_of) if a.prompts_of else L
+            drawn = drawn_at or L
             rng = np.random.default_rng([a.seed, drawn, nf])
             prompts = []
             for _ in range(a.trials):
