@@ -49,7 +49,8 @@ def model_info(path: Path) -> Dict[str, Any]:
     if layers and kv_heads and head_dim:
         # M (and z for the paper's memory), float32; the convolution's last inputs.
         z = 1 if icfg.memory == "paper" else 0
-        memory = layers * kv_heads * head_dim * (head_dim + z) * 4
+        wide = 2 if icfg.qk_expand else 1  # keys twice the head size
+        memory = layers * kv_heads * head_dim * (wide * head_dim + z) * 4
         if icfg.conv_size:
             memory += layers * (icfg.conv_size - 1) * (heads + 2 * kv_heads) * head_dim * 4
         # The current segment: its keys and values, and its pending dM, dz.

@@ -13,6 +13,7 @@ from .conv import ShortConv
 from .memory import (
     delta_rule,
     delta_rule_segments,
+    expanded_conv,
     gated_conv,
     group_heads,
     leaky_write,
@@ -80,8 +81,9 @@ class InfiniAttention(nn.Module):
         self.gate = mx.full((self.n_heads,), config.gate_init, mx.float32)
         d_in, d_q, d_k, d_v = _dims(base, self.n_heads, self.n_kv_heads)
         # Per-row shapes of the streaming state, checked when a state file is loaded.
+        wide = 2 if config.qk_expand else 1  # the memory's keys, not local attention's
         self.state_shapes = {
-            "M": (self.n_kv_heads, d_k // self.n_kv_heads, d_v // self.n_kv_heads),
+            "M": (self.n_kv_heads, wide * d_k // self.n_kv_heads, d_v // self.n_kv_heads),
             "z": (self.n_kv_heads, d_k // self.n_kv_heads),
             "keys": (self.n_kv_heads, None, d_k // self.n_kv_heads),
             "values": (self.n_kv_heads, None, d_v // self.n_kv_heads),
@@ -95,10 +97,12 @@ class InfiniAttention(nn.Module):
             self.q_conv1d = ShortConv(d_q, config.conv_size)
             self.k_conv1d = ShortConv(d_k, config.conv_size)
             self.v_conv1d = ShortConv(d_v, config.conv_size)
-        if config.qk_gate:
+        if config.qk_gate or config.qk_expand:
             self.q_gate_conv1d = ShortConv(d_q, config.conv_size)
             self.k_gate_conv1d = ShortConv(d_k, config.conv_size)
-            self.q_gate_conv1d.weight = mx.zeros_like(self.q_gate_conv1d.weight)
+            # qk_expand: the keys' new half starts at 0, the queries' small (not 0, or neither
+            # half would get a gradient), so the read-out's RMSNorm sees the read as it was.
+            self.q_gate_conv1d.weight = self.q_gate_conv1d.weight * (1e-3 if config.qk_expand else 0.0)
             self.k_gate_conv1d.weight = mx.zeros_like(self.k_gate_conv1d.weight)
         if config.memory == "normalized":
             self.b_proj = nn.Linear(d_in, self.n_kv_heads, bias=False)
@@ -172,14 +176,14 @@ class InfiniAttention(nn.Module):
         if cfg.write_conv:
             prevs.append(cache.conv_state("conv_b", B, cfg.conv_size, self.n_kv_heads, mx.float32))
             ws.append(self.b_conv1d.weight)
-        if cfg.qk_gate:  # after the write logits' weight: they read conv_q and conv_k's states
+        if cfg.qk_gate or cfg.qk_expand:  # after the write logits' weight: they read conv_q's and conv_k's states
             ws += [self.q_gate_conv1d.weight, self.k_gate_conv1d.weight]
         # One decoded token: compiled, since its many small ops cost more than their math.
         compiled = L == 1 and normalized and bool(cfg.conv_size)
         leak = cache.write_leak if normalized and cfg.write_gate == "clip" else 0.0
         f = _memory_inputs_fn(
             bool(cfg.conv_size), normalized and cfg.write_gate, cfg.write_conv, compiled, leak, cfg.write_scale,
-            cfg.qk_gate,
+            "gate" if cfg.qk_gate else "expand" if cfg.qk_expand else None,
         )
         q, k, v, beta, logged, lasts = f(q, k, v, b, prevs, ws)
         if cfg.conv_size:
@@ -308,7 +312,7 @@ class InfiniAttention(nn.Module):
 @lru_cache(maxsize=None)
 def _memory_inputs_fn(
     conv: bool, write_gate, write_conv: bool, compiled: bool, leak: float = 0.0, scale: float = 1.0,
-    qk_gate: bool = False,
+    qk_gate: Optional[str] = None,
 ):
     """(q, k, v, b, conv states, conv weights) -> the memory's q, k, v, beta, the beta to
     log (without ``leak``: the write penalty acts on what is written) and the next conv states.
@@ -317,7 +321,8 @@ def _memory_inputs_fn(
     ``write_conv``: the fourth conv state and weight are the write logits'.
     ``leak``: the clip's gradient where it cuts off (training only; ``leaky_write``).
     ``scale``: ``InfiniConfig.write_scale``, times every write strength.
-    ``qk_gate``: the last two conv weights gate q's and k's convolutions (``gated_conv``).
+    ``qk_gate``: ``"gate"``: the last two conv weights gate q's and k's convolutions
+    (``gated_conv``); ``"expand"``: they widen q and k (``expanded_conv``).
     """
 
     def f(q, k, v, b, prevs, ws):
@@ -329,7 +334,13 @@ def _memory_inputs_fn(
             for t, prev, w, wg in zip((q, k, v), prevs[:3], ws[:3], gates):
                 D = t.shape[-1]
                 x = t.transpose(0, 2, 1, 3).reshape(B, L, -1)
-                y, last = short_conv(x, prev, w) if wg is None else gated_conv(x, prev, w, wg)
+                if wg is None:
+                    y, last = short_conv(x, prev, w)
+                elif qk_gate == "gate":
+                    y, last = gated_conv(x, prev, w, wg)
+                else:
+                    y, last = expanded_conv(x, prev, w, wg, D)
+                    D *= 2
                 lasts.append(last)
                 outs.append(y.reshape(B, L, -1, D).transpose(0, 2, 1, 3))
             q, k, v = outs

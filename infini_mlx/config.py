@@ -87,6 +87,15 @@ class InfiniConfig:
             one further back, such as a fact's name, instead of adding them).
             It reads the same last inputs as ``conv_size``'s convolution, so
             the streaming state does not change. Needs ``conv_size``.
+        qk_expand: Widen the memory's keys and queries to twice the head
+            size: each head's convolved k (q) followed by k times a second
+            convolution of the same inputs (``k_gate_conv1d``, zero at first,
+            so the new half of every key is 0 and the model starts as it
+            was; ``q_gate_conv1d`` starts as 0.001 times the identity), before SiLU and
+            the L2 norm (a deviation: a memory of 2 D x D per head, whose
+            new half keys a token by products of the tokens before it).
+            Same streaming inputs; the memory's state doubles. Needs the
+            normalised memory and ``conv_size``; not with ``qk_gate``.
         write_scale: Multiply every write strength beta_t by this, in (0, 1]
             (a deviation, for the normalised memory): the delta rule then
             moves a key's stored value only that share of the way to the new
@@ -116,6 +125,7 @@ class InfiniConfig:
     write_conv: bool = False
     write_scale: float = 1.0
     qk_gate: bool = False
+    qk_expand: bool = False
     memory_trained: Optional[bool] = None
 
     def __post_init__(self):
@@ -137,6 +147,10 @@ class InfiniConfig:
             raise ValueError(f"infini.qk_gate must be true or false, got {self.qk_gate!r}")
         if self.qk_gate and not self.conv_size:
             raise ValueError("qk_gate needs a conv_size")
+        if not isinstance(self.qk_expand, bool):
+            raise ValueError(f"infini.qk_expand must be true or false, got {self.qk_expand!r}")
+        if self.qk_expand and (self.qk_gate or not self.conv_size or self.memory != "normalized"):
+            raise ValueError("qk_expand needs the normalized memory and a conv_size, and not qk_gate")
         if isinstance(self.write_scale, bool) or not isinstance(self.write_scale, (int, float)) or not 0 < self.write_scale <= 1:
             raise ValueError(f"infini.write_scale must be a number in (0, 1], got {self.write_scale!r}")
         self.write_scale = float(self.write_scale)

@@ -142,6 +142,16 @@ def gated_conv(x: mx.array, prev: mx.array, w: mx.array, wg: mx.array):
     return y * (1 + short_conv(x, prev, wg)[0]), last
 
 
+def expanded_conv(x: mx.array, prev: mx.array, w: mx.array, wg: mx.array, D: int):
+    """Per head of ``D`` channels, ``short_conv`` with ``w`` followed by itself times
+    ``short_conv`` with ``wg`` of the same inputs (``InfiniConfig.qk_expand``): (B, L, 2 C)."""
+    y, last = short_conv(x, prev, w)
+    g = short_conv(x, prev, wg)[0]
+    B, L, C = y.shape
+    y, g = y.reshape(B, L, C // D, D), g.reshape(B, L, C // D, D)
+    return mx.concatenate([y, y * g], axis=-1).reshape(B, L, 2 * C), last
+
+
 @mx.custom_function
 def _unit_lower_solve(A: mx.array, R: mx.array) -> mx.array:
     """U with (I + A) U = R, A strictly lower triangular (batched)."""

@@ -138,8 +138,8 @@ def load(
         missing = set(_new_parameters(model)) - set(gates)
         saved = InfiniConfig.from_dict(config.get("infini"))
         # Options that add parameters may be switched on for fine-tuning: those start fresh.
-        if missing and (saved.memory, saved.conv_size, saved.write_conv, saved.qk_gate) == (
-            cfg.memory, cfg.conv_size, cfg.write_conv, cfg.qk_gate
+        if missing and (saved.memory, saved.conv_size, saved.write_conv, saved.qk_gate, saved.qk_expand) == (
+            cfg.memory, cfg.conv_size, cfg.write_conv, cfg.qk_gate, cfg.qk_expand
         ):
             raise ValueError(
                 f"{gates_file} lacks {len(missing)} Infini parameters, e.g. {min(missing)}"

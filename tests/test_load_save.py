@@ -73,6 +73,12 @@ def test_new_memory_parameters_round_trip_and_fine_tuning_switch(tmp_path):
     assert mx.array_equal(gated(tokens), expected)
     with pytest.raises(ValueError, match="qk_gate needs"):
         infini_mlx.load(tmp_path / "base", infini={"qk_gate": True})
+    # qk_expand: the keys' new half starts at 0, so only the read-out's scale moves (RMSNorm'd).
+    wide, _ = infini_mlx.load(tmp_path / "out", infini={"qk_expand": True})
+    assert mx.array_equal(wide.layers[0].self_attn.k_gate_conv1d.weight, mx.zeros_like(a.k_conv1d.weight))
+    assert mx.allclose(wide(tokens), expected, atol=1e-3)
+    with pytest.raises(ValueError, match="qk_expand needs"):
+        infini_mlx.load(tmp_path / "out", infini={"qk_expand": True, "qk_gate": True})
     with pytest.raises(ValueError, match="write_scale needs"):
         infini_mlx.load(tmp_path / "base", infini={"write_scale": 0.5})
     for bad in (0, 1.5, "0.5", True):

@@ -60,6 +60,9 @@ def np_infini(x, Wq, Wk, Wv, Wo, beta, cfg, extra=None):
         if "qk_gate" in extra:  # times 1 + a second convolution of the same projections
             qc, kc = qc * (1 + np_conv(qp, extra["qk_gate"][0])), kc * (1 + np_conv(kp, extra["qk_gate"][1]))
         qm, km, vm = heads(qc, H), heads(kc, HKV), heads(np_conv(vp, wv), HKV)
+        if "qk_expand" in extra:  # each head: [c, c * a second convolution], 2 D wide
+            gq, gk = heads(np_conv(qp, extra["qk_expand"][0]), H), heads(np_conv(kp, extra["qk_expand"][1]), HKV)
+            qm, km = np.concatenate([qm, qm * gq], -1), np.concatenate([km, km * gk], -1)
     normalized = cfg.get("memory") == "normalized"
     if normalized:
         qm, km = np_l2(np_silu(qm)), np_l2(np_silu(km))
@@ -73,7 +76,7 @@ def np_infini(x, Wq, Wk, Wv, Wo, beta, cfg, extra=None):
         wb = wb * cfg.get("write_scale", 1.0)
     # Which memory (KV head) each query head reads.
     kv_of = [h // R if cfg["gqa"] == "interleave" else h % HKV for h in range(H)]
-    M = np.zeros((Bx, HKV, D, D))
+    M = np.zeros((Bx, HKV, km.shape[-1], D))
     z = np.zeros((Bx, HKV, D))
     out = np.zeros((Bx, H, Lx, D))
     g = 1 / (1 + np.exp(-beta))
@@ -141,6 +144,8 @@ CASES = [
          write_gate="clip", write_conv=True, write_scale=0.4),
     dict(update="delta", gqa="interleave", rope="segment", first="zero", memory="normalized", conv=4,
          write_gate="clip", write_conv=True, qk_gate=True),
+    dict(update="delta", gqa="tile", rope="absolute", first="zero", memory="normalized", conv=4,
+         write_gate="clip", write_conv=True, qk_expand=True),
     dict(update="delta", gqa="tile", rope="absolute", first="zero", conv=3, qk_gate=True),
 ]
 
@@ -173,6 +178,7 @@ def test_layer_matches_numpy_reference(case, cuts):
         write_conv=case.get("write_conv", False),
         write_scale=case.get("write_scale", 1.0),
         qk_gate=case.get("qk_gate", False),
+        qk_expand=case.get("qk_expand", False),
     )
     layer = InfiniAttention(base, cfg)
     layer.gate = mx.random.normal((H,))
@@ -181,10 +187,12 @@ def test_layer_matches_numpy_reference(case, cuts):
         for name in ("q_conv1d", "k_conv1d", "v_conv1d"):
             layer[name].weight = mx.random.normal(layer[name].weight.shape) * 0.7
         extra["conv"] = [np.array(layer[n].weight, np.float64) for n in ("q_conv1d", "k_conv1d", "v_conv1d")]
-    if cfg.qk_gate:  # random, not the zeros they start as
+    if cfg.qk_gate or cfg.qk_expand:  # random, not the values they start at
         for name in ("q_gate_conv1d", "k_gate_conv1d"):
             layer[name].weight = mx.random.normal(layer[name].weight.shape) * 0.5
-        extra["qk_gate"] = [np.array(layer[n].weight, np.float64) for n in ("q_gate_conv1d", "k_gate_conv1d")]
+        extra["qk_gate" if cfg.qk_gate else "qk_expand"] = [
+            np.array(layer[n].weight, np.float64) for n in ("q_gate_conv1d", "k_gate_conv1d")
+        ]
     if cfg.memory == "normalized":
         # Logits of std ~3: the clip gate writes exactly 0 or 1 for many tokens.
         layer.b_proj.weight = mx.random.normal(layer.b_proj.weight.shape) * 0.5

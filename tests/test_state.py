@@ -20,7 +20,8 @@ N = 8
      dict(memory="normalized", conv_size=3, write_gate="clip"),
      dict(memory="normalized", conv_size=3, write_gate="clip", write_conv=True),
      dict(memory="normalized", conv_size=3, write_gate="clip", write_conv=True, write_scale=0.5),
-     dict(memory="normalized", conv_size=3, write_gate="clip", write_conv=True, qk_gate=True)],
+     dict(memory="normalized", conv_size=3, write_gate="clip", write_conv=True, qk_gate=True),
+     dict(memory="normalized", conv_size=3, write_gate="clip", write_conv=True, qk_expand=True)],
     ids=str,
 )
 def test_round_trip_is_exact(tmp_path, form):

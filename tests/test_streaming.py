@@ -39,6 +39,9 @@ FORMS = {
     "normalized+conv+clip+write_conv+qk_gate": dict(
         memory="normalized", conv_size=3, write_gate="clip", write_conv=True, qk_gate=True
     ),
+    "normalized+conv+clip+write_conv+qk_expand": dict(
+        memory="normalized", conv_size=3, write_gate="clip", write_conv=True, qk_expand=True
+    ),
 }
 
 
