@@ -55,8 +55,9 @@ class InfiniAttention(nn.Module):
     under their own names, so Hugging Face weight names are unchanged. New
     parameters: ``gate``, one logit beta per query head; with
     ``config.conv_size``, ``q_conv1d``/``k_conv1d``/``v_conv1d`` (identity at
-    first); with ``config.qk_gate``, ``q_gate_conv1d``/``k_gate_conv1d`` (zero
-    at first); with the normalised memory, ``b_proj`` (per-token write strength
+    first); with ``config.qk_gate`` or ``config.qk_expand``,
+    ``q_gate_conv1d``/``k_gate_conv1d`` (zero at first; the queries' 0.001 times
+    the identity under ``qk_expand``); with the normalised memory, ``b_proj`` (per-token write strength
     per KV head, sigmoid(0) = 0.5 at first) and ``o_norm`` (RMSNorm of the
     read-out), named as in flash-linear-attention's DeltaNet.
 
@@ -312,7 +313,7 @@ class InfiniAttention(nn.Module):
 @lru_cache(maxsize=None)
 def _memory_inputs_fn(
     conv: bool, write_gate, write_conv: bool, compiled: bool, leak: float = 0.0, scale: float = 1.0,
-    qk_gate: Optional[str] = None,
+    key_form: Optional[str] = None,
 ):
     """(q, k, v, b, conv states, conv weights) -> the memory's q, k, v, beta, the beta to
     log (without ``leak``: the write penalty acts on what is written) and the next conv states.
@@ -321,8 +322,9 @@ def _memory_inputs_fn(
     ``write_conv``: the fourth conv state and weight are the write logits'.
     ``leak``: the clip's gradient where it cuts off (training only; ``leaky_write``).
     ``scale``: ``InfiniConfig.write_scale``, times every write strength.
-    ``qk_gate``: ``"gate"``: the last two conv weights gate q's and k's convolutions
-    (``gated_conv``); ``"expand"``: they widen q and k (``expanded_conv``).
+    ``key_form``: ``"gate"`` (``InfiniConfig.qk_gate``): the last two conv weights gate
+    q's and k's convolutions (``gated_conv``); ``"expand"`` (``qk_expand``): they widen
+    q and k (``expanded_conv``).
     """
 
     def f(q, k, v, b, prevs, ws):
@@ -330,13 +332,13 @@ def _memory_inputs_fn(
         if conv:
             B, _, L, _ = q.shape
             outs = []
-            gates = ws[-2:] + [None] if qk_gate else [None] * 3
+            gates = ws[-2:] + [None] if key_form else [None] * 3
             for t, prev, w, wg in zip((q, k, v), prevs[:3], ws[:3], gates):
                 D = t.shape[-1]
                 x = t.transpose(0, 2, 1, 3).reshape(B, L, -1)
                 if wg is None:
                     y, last = short_conv(x, prev, w)
-                elif qk_gate == "gate":
+                elif key_form == "gate":
                     y, last = gated_conv(x, prev, w, wg)
                 else:
                     y, last = expanded_conv(x, prev, w, wg, D)
