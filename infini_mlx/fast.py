@@ -67,10 +67,9 @@ def _sigmoid(x):
     return 1.0 / (1.0 + _exp(-x))
 
 
-def _silu_grad(x):
-    # s (1 + x (1 - s)): where exp(-x) is inf, s is 0 and so is the gradient (autodiff of
-    # x / (1 + exp(-x)) gives inf / inf = NaN below x = -88).
-    s = 1.0 / (1.0 + _exp(-x))
+def _silu_grad(x, s):
+    # s (1 + x (1 - s)) with s = sigmoid(x): where exp(-x) is inf, s is 0 and so is the
+    # gradient (autodiff of x / (1 + exp(-x)) gives inf / inf = NaN below x = -88).
     return s + x * s * (1.0 - s)
 
 
@@ -81,7 +80,7 @@ def _silu_fn(x):
 
 @_silu_fn.vjp
 def _silu_vjp(x, cotangent, output):  # one input: the primal itself, not a tuple
-    return cotangent * _silu_grad(x)
+    return cotangent * _silu_grad(x, 1.0 / (1.0 + _exp(-x)))
 
 
 _silu = mx.compile(_silu_fn)
@@ -101,7 +100,8 @@ def _swiglu_fn(g, x):
 @_swiglu_fn.vjp
 def _swiglu_vjp(primals, cotangent, output):
     g, x = primals
-    return cotangent * x * _silu_grad(g), cotangent * g / (1.0 + _exp(-g))
+    s = 1.0 / (1.0 + _exp(-g))
+    return cotangent * x * _silu_grad(g, s), cotangent * g * s
 
 
 _swiglu = mx.compile(_swiglu_fn)
