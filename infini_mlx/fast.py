@@ -80,7 +80,7 @@ def _silu_fn(x):
 
 @_silu_fn.vjp
 def _silu_vjp(x, cotangent, output):  # one input: the primal itself, not a tuple
-    return cotangent * _silu_grad(x, 1.0 / (1.0 + _exp(-x)))
+    return cotangent * _silu_grad(x, _sigmoid(x))
 
 
 _silu = mx.compile(_silu_fn)
@@ -100,7 +100,7 @@ def _swiglu_fn(g, x):
 @_swiglu_fn.vjp
 def _swiglu_vjp(primals, cotangent, output):
     g, x = primals
-    s = 1.0 / (1.0 + _exp(-g))
+    s = _sigmoid(g)
     return cotangent * x * _silu_grad(g, s), cotangent * g * s
 
 
