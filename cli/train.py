@@ -133,6 +133,10 @@ def train(
         bool,
         typer.Option("--chain-new-names", help="With --carry-ask-chain, a needle's names are ones its row's memory does not hold yet: no name is written twice."),
     ] = False,
+    qa_sentence: Annotated[
+        bool,
+        typer.Option("--qa-sentence", help="qa puts the key line after a sentence of the book, not after any token."),
+    ] = False,
     write_penalty: Annotated[
         float,
         typer.Option(min=0.0, help="Add this times the mean write strength of the normalised memory to the loss."),
@@ -235,6 +239,7 @@ def train(
         carry_ask_chain=carry_ask_chain,
         chain_new_names=chain_new_names,
         first_fact_weight=first_fact_weight,
+        qa_sentence=qa_sentence,
         write_penalty=write_penalty,
         write_leak=write_leak,
         key_overlap=key_overlap,

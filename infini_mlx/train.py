@@ -153,6 +153,9 @@ class TrainArgs:
             its row's memory does not hold yet (while enough are left), so no
             name is written again and no question rewards a write that erases
             a like key's older fact, as in the evaluation, whose names differ.
+        qa_sentence: ``qa`` puts the key line after a sentence of the book
+            (a ".", "!" or "?" followed by a word), as people write it and as
+            ``bench/prose_passkey.py`` does, not after any token.
         seed: Seeds the initial weights and the data stream.
         freeze_base: Train only the parameters Infini adds (gates and the
             memory's own: convolutions, write strengths, read-out norm) of
@@ -207,6 +210,7 @@ class TrainArgs:
     needle_facts: int = 4
     needle_shared: float = 0.0
     first_fact_weight: float = 1.0
+    qa_sentence: bool = False
     seed: int = 0
     freeze_base: bool = False
     lora_rank: int = 0
@@ -283,6 +287,13 @@ class Batches:
         tasks = [t for t, p in args.mix.items() if p > 0]
         p = np.array([args.mix[t] for t in tasks], dtype=np.float64)
         self.tasks, self.p = tasks, p / p.sum()
+        if args.qa_sentence:
+            # Positions in books of a word right after ".", "!" or "?".
+            names = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer.vocab))))
+            ends = [i for i, t in enumerate(names) if t in (".", "!", "?")]
+            word = np.array([t.startswith("\u2581") for t in names])
+            after = np.isin(books[:-1], ends) & word[books[1:]]
+            self.sentence_starts = np.flatnonzero(after) + 1
 
     def segment_range(self, step: int):
         a = self.args
@@ -357,6 +368,10 @@ class Batches:
         n = T - len(info) - len(q) - len(ans)
         i = int(self.rng.integers(0, len(self.books) - n))
         cut = i + int(self.rng.integers(0, n + 1))
+        if self.args.qa_sentence:  # the window's first sentence start from there on, else its last one
+            lo, s, hi = np.searchsorted(self.sentence_starts, [i + 1, cut, i + n + 1])
+            if lo < hi:
+                cut = int(self.sentence_starts[s if s < hi else hi - 1])
         hay = self.books[i : i + n]
         return self._sample(
             [(hay[: cut - i], False), (info, False), (hay[cut - i :], False), (q, False), (ans, True)]

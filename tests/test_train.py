@@ -401,6 +401,23 @@ def test_needle_facts_sets_how_many_facts_a_long_needle_row_holds(tmp_path, toke
         assert len(facts) == 2 * want and len({name for name, _ in facts}) == want, (n, T, facts)
 
 
+def test_qa_sentence_puts_the_key_line_after_a_sentence(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
+    from infini_mlx.data import book_tokens
+    from infini_mlx.train import Batches
+
+    books = np.array(book_tokens(default_tokenizer, books_dir, ["alice_in_wonderland_pg11.txt"]), np.int32)
+    before = {}
+    for on in (False, True):
+        b = Batches(default_tokenizer, books, args(tmp_path, tokenizer_dir, books_dir, qa_sentence=on), 64)
+        ends = 0
+        for _ in range(40):
+            text = default_tokenizer.decode(b.qa(8 * 64 + 1)[0].tolist())
+            head = text[: text.index("The pass key is")].rstrip()
+            ends += head[-1:] in (".", "!", "?")
+        before[on] = ends
+    assert before[True] >= 38 and before[False] <= 20, before
+
+
 def test_needle_values_do_not_depend_on_the_hash_seed():
     import os
     import subprocess
