@@ -137,6 +137,10 @@ def train(
         bool,
         typer.Option("--qa-sentence", help="qa puts the key line after a sentence of the book, not after any token."),
     ] = False,
+    qa_distractors: Annotated[
+        int,
+        typer.Option(min=0, help="qa rows also hold this many numbers that are not the key (fact lines, chapter headings)."),
+    ] = 0,
     write_penalty: Annotated[
         float,
         typer.Option(min=0.0, help="Add this times the mean write strength of the normalised memory to the loss."),
@@ -240,6 +244,7 @@ def train(
         chain_new_names=chain_new_names,
         first_fact_weight=first_fact_weight,
         qa_sentence=qa_sentence,
+        qa_distractors=qa_distractors,
         write_penalty=write_penalty,
         write_leak=write_leak,
         key_overlap=key_overlap,

@@ -30,6 +30,7 @@ from .tasks import (
     MAX_PASSKEY,
     NEEDLE_NAMES,
     Pieces,
+    fact_line,
     info_line,
     needle_prompt,
     needle_question,
@@ -153,6 +154,10 @@ class TrainArgs:
             its row's memory does not hold yet (while enough are left), so no
             name is written again and no question rewards a write that erases
             a like key's older fact, as in the evaluation, whose names differ.
+        qa_distractors: ``qa`` rows also hold this many numbers that are not
+            the key, each a needle's fact line or a chapter heading ("Chapter
+            17") at a random place in the book text: the question must find
+            the key line, not any written digit.
         qa_sentence: ``qa`` puts the key line after a sentence of the book
             (a ".", "!" or "?" followed by a word), as people write it and as
             ``bench/prose_passkey.py`` does, not after any token.
@@ -211,6 +216,7 @@ class TrainArgs:
     needle_shared: float = 0.0
     first_fact_weight: float = 1.0
     qa_sentence: bool = False
+    qa_distractors: int = 0
     seed: int = 0
     freeze_base: bool = False
     lora_rank: int = 0
@@ -365,7 +371,8 @@ class Batches:
         info = self.pieces.word(info_line(key))
         q = self.pieces.enc("\n\n" + plain_question("What is the pass key?"))
         ans = self.answer(key)
-        n = T - len(info) - len(q) - len(ans)
+        extra = [self._number_line() for _ in range(self.args.qa_distractors)]
+        n = T - len(info) - len(q) - len(ans) - sum(map(len, extra))
         i = int(self.rng.integers(0, len(self.books) - n))
         cut = i + int(self.rng.integers(0, n + 1))
         if self.args.qa_sentence:  # the window's first sentence start from there on, else its last one
@@ -373,9 +380,22 @@ class Batches:
             if lo < hi:
                 cut = int(self.sentence_starts[s if s < hi else hi - 1])
         hay = self.books[i : i + n]
-        return self._sample(
-            [(hay[: cut - i], False), (info, False), (hay[cut - i :], False), (q, False), (ans, True)]
-        )
+        # Lines inserted into the book text at their offsets (the key line first at a tie).
+        lines = [(cut - i, info)]
+        if extra:
+            lines += [(int(a), e) for a, e in zip(self.rng.integers(0, n + 1, len(extra)), extra)]
+        chunks, at = [], 0
+        for a, line in sorted(lines, key=lambda x: x[0]):
+            chunks += [(hay[at:a], False), (line, False)]
+            at = a
+        return self._sample(chunks + [(hay[at:], False), (q, False), (ans, True)])
+
+    def _number_line(self) -> List[int]:
+        """A number that is not the key: a needle's fact line or a chapter heading."""
+        if self.rng.random() < 0.5:
+            name = NEEDLE_NAMES[int(self.rng.integers(0, len(NEEDLE_NAMES)))]
+            return self.pieces.word(fact_line(name, self.key()))
+        return self.pieces.nl + self.pieces.line(f"Chapter {int(self.rng.integers(1, 61))}") + self.pieces.nl
 
     def needle(self, T: int):
         """Facts in book text, then every fact asked and answered, in random order."""

@@ -10,7 +10,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from infini_mlx import InfiniConfig, load
-from infini_mlx.tasks import Pieces, passkey_prompt
+from infini_mlx.tasks import Pieces, info_line, passkey_prompt, plain_question
 from infini_mlx.train import TRAIN_GATE_INIT, TrainArgs, new_model, train
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=2, num_key_value_heads=2)
@@ -416,6 +416,33 @@ def test_qa_sentence_puts_the_key_line_after_a_sentence(tmp_path, tokenizer_dir,
             ends += head[-1:] in (".", "!", "?")
         before[on] = ends
     assert before[True] >= 38 and before[False] <= 20, before
+
+
+def test_qa_distractors_add_numbers_that_are_not_the_key(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
+    from infini_mlx.data import book_tokens
+    from infini_mlx.train import Batches
+
+    books = np.array(book_tokens(default_tokenizer, books_dir, ["alice_in_wonderland_pg11.txt"]), np.int32)
+    T = 8 * 64 + 1
+    plain = Batches(default_tokenizer, books, args(tmp_path, tokenizer_dir, books_dir), 64).qa(T)
+    b = Batches(default_tokenizer, books, args(tmp_path, tokenizer_dir, books_dir, qa_distractors=3), 64)
+    for _ in range(10):
+        toks, w, n = b.qa(T)
+        assert len(toks) == T and len(w) == T - 1
+        text = default_tokenizer.decode(toks.tolist())
+        key = re.search(r"The pass key is (\d+)\. Remember it\. \1 is the pass key\.", text).group(1)
+        others = re.findall(r"special code for \w+ is \d+\.|Chapter \d+\n", text)
+        assert len(others) == 3, text
+        assert text.endswith(f"Answer: {key}.") and w[-n + 1 :].min() > 1
+    # Without them, the book text around the key line is one unbroken window of the books.
+    toks, text = plain[0], default_tokenizer.decode(plain[0].tolist())
+    key = int(re.search(r"The pass key is (\d+)\.", text).group(1))
+    p = Pieces(default_tokenizer)
+    info, tail = p.word(info_line(key)), len(p.enc("\n\n" + plain_question("What is the pass key?"))) + plain[2]
+    a = next(j for j in range(len(toks)) if list(toks[j : j + len(info)]) == info)
+    hay = np.concatenate([toks[:a], toks[a + len(info) : len(toks) - tail]])
+    starts = np.flatnonzero(books[: len(books) - len(hay)] == hay[0])
+    assert any(np.array_equal(books[s : s + len(hay)], hay) for s in starts)
 
 
 def test_needle_values_do_not_depend_on_the_hash_seed():
