@@ -41,12 +41,17 @@ def documents(tokenizer, n_tokens: int, n_docs: int, seed: int):
         yield window[:cut] + info_line(key) + " " + window[cut:], key, cut / len(window)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def document_args(p: argparse.ArgumentParser):
+    """The options that choose the model and the documents (shared with ``bench/prose_read.py``)."""
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--docs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    document_args(p)
     p.add_argument("--question", default="What is the pass key?")
     a = p.parse_args()
     _, tok = load(a.model)

@@ -1,8 +1,8 @@
 """What the question's query prefers among the memory's writes, in the prose passkey documents.
 
 For each document of ``bench/prose_passkey.py`` (same seed, same documents) the
-text and the question are read as ``infini query`` reads them (a BOS first), in
-blocks of 4,096 tokens, and one head's memory query at the last prompt token
+text and the question after it, as ``infini query`` asks it, are tokenized as one
+text (a BOS first) and read in blocks of 4,096 tokens, and one head's memory query at the last prompt token
 ("Answer:") is scored against every key that head wrote (write strength above
 0): the score of the key's first digit (its first mention) and each written key
 that scores higher, with its offset from the key and the text that ends there.
@@ -18,7 +18,7 @@ import infini_mlx  # first: OpenBLAS before MLX
 # isort: split
 import mlx.core as mx
 import numpy as np
-from prose_passkey import documents
+from prose_passkey import document_args, documents
 
 from infini_mlx.tasks import plain_question
 from infini_mlx.train import logged_cache
@@ -26,10 +26,7 @@ from infini_mlx.train import logged_cache
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
-    p.add_argument("--tokens", type=int, default=32768)
-    p.add_argument("--docs", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    document_args(p)
     p.add_argument("--layer", type=int, default=0)
     p.add_argument("--head", type=int, default=1)
     a = p.parse_args()

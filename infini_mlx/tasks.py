@@ -60,8 +60,8 @@ class Pieces:
         # "\n" alone encodes as [dummy-prefix "▁", "<0x0A>"]; inside text only the latter.
         self._nl_prefix = self.enc("\n")
         self.nl = self._nl_prefix[-1:]
-        names = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer.vocab))))
-        self.digits = [i for i, t in enumerate(names) if t in set("0123456789")]
+        self.names = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer.vocab))))
+        self.digits = [i for i, t in enumerate(self.names) if t in set("0123456789")]
         self.first_garbage = self.line(GARBAGE)
         self.garbage = self.word(GARBAGE)
 

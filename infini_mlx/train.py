@@ -295,7 +295,7 @@ class Batches:
         self.tasks, self.p = tasks, p / p.sum()
         if args.qa_sentence:
             # Positions in books of a word right after ".", "!" or "?".
-            names = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer.vocab))))
+            names = self.pieces.names
             ends = [i for i, t in enumerate(names) if t in (".", "!", "?")]
             word = np.array([t.startswith("\u2581") for t in names])
             after = np.isin(books[:-1], ends) & word[books[1:]]
