@@ -59,3 +59,18 @@ def test_refuses_other_configs_and_an_existing_output(tmp_path):
     r = _run(a, a, tmp_path / "out")
     assert r.returncode != 0 and "exists" in r.stderr and "Traceback" not in r.stderr
     assert (tmp_path / "out" / "keep").read_text() == "mine"
+
+
+def test_t_for_weighs_matching_parameters_apart(tmp_path):
+    a, b = _model(tmp_path / "a", 0), _model(tmp_path / "b", 1)
+    r = _run(a, b, tmp_path / "out", "--t", "0.25", "--t-for", r"layers\.0\.=0.9", "--t-for", r"layers\.[01]\.=0.5")
+    assert r.returncode == 0, r.stderr
+    pa, pb, out = _params(a), _params(b), _params(tmp_path / "out")
+    for k in out:  # the first matching rule wins
+        t = 0.9 if "layers.0." in k else 0.5 if "layers.1." in k else 0.25
+        np.testing.assert_allclose(out[k], (1 - t) * pa[k] + t * pb[k], rtol=1e-6, atol=1e-6, err_msg=k)
+    assert any("layers.0." in k for k in out) and any("layers.1." in k for k in out)
+    for bad in ("layers=2", "[=0.5", "layers"):
+        r = _run(a, b, tmp_path / "bad", "--t-for", bad)
+        assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+        assert not (tmp_path / "bad").exists()
