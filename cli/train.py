@@ -129,6 +129,10 @@ def train(
         bool,
         typer.Option("--carry-ask-chain", help="--carry-ask asks any fact written since the memory was last empty, not only the last needle's."),
     ] = False,
+    carry_ask_key: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Of --carry-ask's questions, the share that asks the pass key a row's memory holds, as infini query asks it."),
+    ] = 0.0,
     chain_new_names: Annotated[
         bool,
         typer.Option("--chain-new-names", help="With --carry-ask-chain, a needle's names are ones its row's memory does not hold yet: no name is written twice."),
@@ -241,6 +245,7 @@ def train(
         carry_state=carry_state,
         carry_ask=carry_ask,
         carry_ask_chain=carry_ask_chain,
+        carry_ask_key=carry_ask_key,
         chain_new_names=chain_new_names,
         first_fact_weight=first_fact_weight,
         qa_sentence=qa_sentence,

@@ -154,6 +154,12 @@ class TrainArgs:
             its row's memory does not hold yet (while enough are left), so no
             name is written again and no question rewards a write that erases
             a like key's older fact, as in the evaluation, whose names differ.
+        carry_ask_key: Of the rows ``carry_ask`` asks, the share that asks
+            the pass key instead of a fact, as ``infini query`` asks it
+            ("Question: What is the pass key?"), where the row's memory holds
+            one (the newest key a passkey or qa row wrote one or more batches
+            before; such a row writes no new key): the prose question over a
+            key written tens of thousands of tokens back, as in the prose check.
         qa_distractors: ``qa`` rows also hold this many numbers that are not
             the key, each a needle's fact line or a chapter heading ("Chapter
             17") at a random place in the book text: the question must find
@@ -205,6 +211,7 @@ class TrainArgs:
     carry_state: float = 0.0
     carry_ask: float = 0.0
     carry_ask_chain: bool = False
+    carry_ask_key: float = 0.0
     chain_new_names: bool = False
     write_penalty: float = 0.0
     write_leak: float = 0.0
@@ -285,10 +292,14 @@ class Batches:
             raise ValueError(f"key_digits must be 'paper', 'uniform' or 'mixed', got {args.key_digits!r}")
         if args.carry_ask and not args.carry_state:
             raise ValueError("carry_ask asks what a carried memory holds: it needs carry_state")
+        if args.carry_ask_key and not args.carry_ask:
+            raise ValueError("carry_ask_key is a share of carry_ask's questions: it needs carry_ask")
         if args.chain_new_names and not args.carry_ask_chain:
             raise ValueError("chain_new_names draws a chain's needle names: it needs carry_ask_chain")
         # Per row: the facts its memory holds, name -> value (carry_ask).
         self.held: List[Optional[Dict[str, int]]] = [None] * args.batch_size
+        self.held_key: List[Optional[int]] = [None] * args.batch_size  # carry_ask_key
+        self._key = None  # the key the last passkey or qa row wrote
         self._facts, self._avoid, self._ask = None, set(), None
         tasks = [t for t, p in args.mix.items() if p > 0]
         p = np.array([args.mix[t] for t in tasks], dtype=np.float64)
@@ -355,7 +366,7 @@ class Batches:
         return toks, w[1:], len(chunks[-1][0])
 
     def passkey(self, T: int, depth: Optional[float] = None):
-        key = self.key()
+        key = self._key = self.key()
         depth = self.rng.random() if depth is None else depth
         ans = self.answer(key)
         toks, w, n = self._sample([(passkey_prompt(self.pieces, T - len(ans), depth, key).array(), False), (ans, True)])
@@ -367,7 +378,7 @@ class Batches:
 
     def qa(self, T: int):
         """A passkey line hidden in book text, then the question as ``infini query`` asks it."""
-        key = self.key()
+        key = self._key = self.key()
         info = self.pieces.word(info_line(key))
         q = self.pieces.enc("\n\n" + plain_question("What is the pass key?"))
         ans = self.answer(key)
@@ -510,17 +521,26 @@ class Batches:
         """Row ``r``'s sample, ending, sometimes, with a question on a fact its memory holds."""
         task = self.rng.choice(self.tasks, p=self.p)
         held = self.held[r] if carried else None
-        ask = []
-        if held and self.rng.random() < self.args.carry_ask:
-            name, value = list(held.items())[int(self.rng.integers(len(held)))]
-            ask = [(self.pieces.nl + self.pieces.line(needle_question(name)), False), (self.answer(value), True)]
-        self._ask = name if ask else None
+        key = self.held_key[r] if carried and self.args.carry_ask_key else None
+        ask, name = [], None
+        if (held or key is not None) and self.rng.random() < self.args.carry_ask:
+            if key is not None and (not held or self.rng.random() < self.args.carry_ask_key):
+                q = self.pieces.enc("\n\n" + plain_question("What is the pass key?"))
+                ask = [(q, False), (self.answer(key), True)]
+                if task in ("passkey", "qa"):  # a new key would answer instead
+                    rest = [i for i, t in enumerate(self.tasks) if t not in ("passkey", "qa")]
+                    task = self.tasks[rest[int(self.rng.choice(len(rest), p=self.p[rest] / self.p[rest].sum()))]] if rest else "lm"
+            else:
+                name, value = list(held.items())[int(self.rng.integers(len(held)))]
+                ask = [(self.pieces.nl + self.pieces.line(needle_question(name)), False), (self.answer(value), True)]
+        self._ask = name
         self._avoid = {name} if ask else set()
         if held and self.args.carry_ask_chain and self.args.chain_new_names:
             self._avoid |= set(held)
-        self._facts = None
+        self._facts, self._key = None, None
         toks, w, n = getattr(self, task)(T - sum(len(c) for c, _ in ask))
         self._ask, self._avoid = None, set()
+        self.held_key[r] = self._key if self._key is not None else (self.held_key[r] if carried else None)
         if self._facts and self.args.carry_ask_chain:
             self.held[r] = {**(held or {}), **dict(self._facts)}
         else:

@@ -532,6 +532,40 @@ def test_carried_rows_ask_the_facts_their_memory_holds(tmp_path, tokenizer_dir, 
         Batches(default_tokenizer, books, args(tmp_path, tokenizer_dir, books_dir, carry_ask=0.5), 64)
 
 
+def test_carry_ask_key_asks_the_newest_key_the_memory_holds(tmp_path, tokenizer_dir, books_dir, default_tokenizer):
+    from infini_mlx.data import book_tokens
+    from infini_mlx.train import Batches
+
+    books = np.array(book_tokens(default_tokenizer, books_dir, ["alice_in_wonderland_pg11.txt"]), np.int32)
+    a = args(tmp_path, tokenizer_dir, books_dir, batch_size=6, segments=[4, 4], carry_state=1.0, carry_ask=1.0,
+             carry_ask_key=0.7, mix={"qa": 0.3, "passkey": 0.2, "needle": 0.2, "lm": 0.3}, seed=5)
+    b = Batches(default_tokenizer, books, a, 64)
+    written = re.compile(r"The pass key is (\d+)\. Remember it\.")  # key lines, not answers
+    asked = re.compile(r"\n\nQuestion: What is the pass key\?\nAnswer: (\d+)\.$")
+    key, n_asked, n_needle = [None] * 6, 0, 0
+    for step in range(12):
+        carried = step % 4 != 0
+        x, y, w, _ = b.next(step, carried=carried)
+        rows = np.concatenate([np.array(x), np.array(y)[:, -1:]], 1)
+        for r in range(6):
+            text = default_tokenizer.decode(rows[r].tolist())
+            own = written.findall(text)
+            q = asked.search(text)
+            if q and not own:  # a carried question: the newest key of an earlier batch, weighed as an answer
+                assert carried and key[r] == q.group(1), (key[r], text[-120:])
+                n_ans = len(default_tokenizer.encode(" " + q.group(1) + ".", add_special_tokens=False))
+                assert np.all(np.array(w)[r, -n_ans:] == a.answer_weight)
+                n_asked += 1
+            n_needle += bool(re.search(r"What is the special code for \w+\? The special code for \w+ is \d+\.$", text))
+            if not carried:
+                key[r] = None
+            if own:
+                key[r] = own[-1]
+    assert n_asked >= 8 and n_needle >= 2
+    with pytest.raises(ValueError, match="carry_ask"):
+        Batches(default_tokenizer, books, args(tmp_path, tokenizer_dir, books_dir, carry_state=1.0, carry_ask_key=0.5), 64)
+
+
 def test_chain_new_names_never_write_a_held_name_again(tmp_path, tokenizer_dir, books_dir, default_tokenizer, monkeypatch):
     import infini_mlx.train as tr
     from infini_mlx.data import book_tokens
