@@ -111,6 +111,20 @@ class InfiniCache(_BaseCache):
         self.dM = self.dz = None
         self.keys = self.values = None
 
+    def end_segment(self):
+        """End the current segment early: fold what it holds into the memory now.
+
+        The next token starts a segment, as if the text had ended on a segment
+        boundary (the offset moves on to it). A question asked after a text
+        then sits in one segment, where local attention sees all of it.
+        """
+        if self.segment_pos == 0:
+            return
+        self.offset += self.segment_len - self.segment_pos
+        if self.dM is not None:
+            self.fold_if_full()
+        self.keys = self.values = None
+
     def advance(self, L: int, M: mx.array, z: Optional[mx.array]):
         """After whole segments fed at once from a segment's start: the memory after them."""
         self.offset += L

@@ -76,6 +76,14 @@ class InfiniSession:
         tokenizer: Its tokenizer (mlx-lm's ``TokenizerWrapper``).
         model_id: How to load the model again (a directory or a Hugging Face
             id; ``""`` for the embedded model), recorded in saved states.
+
+    Attributes:
+        question_segment: A question (or summary prompt) starts a segment of
+            its own, the text's last partial segment folded into the memory
+            first, so local attention sees the whole question wherever the
+            text ended. True where the memory is trained; an untrained one
+            leaves answers only the last segment of text to see, so there the
+            question continues it.
     """
 
     def __init__(self, model: nn.Module, tokenizer, model_id: str = ""):
@@ -91,6 +99,7 @@ class InfiniSession:
         self.path: Optional[Path] = None  # the state file last restored or saved
         self.notes: List[N.Note] = []  # with the notes strategy: what was read, in notes
         self._fingerprint = None
+        self.question_segment = bool(model.infini_config.memory_trained)
 
     @classmethod
     def load(
@@ -442,7 +451,11 @@ class InfiniSession:
         else:
             suffix = f"\n\n{instruction}"
         prompt = self.tokenizer.encode(suffix, add_special_tokens=False)
-        yield from self._stream(prompt, self._fork(), max_tokens, None, **kwargs)
+        cache = self._fork()
+        if self.question_segment:
+            for c in cache:
+                c.end_segment()
+        yield from self._stream(prompt, cache, max_tokens, None, **kwargs)
 
     def _stream(
         self,

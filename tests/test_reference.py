@@ -42,7 +42,9 @@ def np_l2(x):
     return x / np.sqrt((x * x).sum(-1, keepdims=True) + 1e-6)
 
 
-def np_infini(x, Wq, Wk, Wv, Wo, beta, cfg, extra=None):
+def np_infini(x, Wq, Wk, Wv, Wo, beta, cfg, extra=None, starts=None):
+    """``starts``: where segments start (default every N tokens); a segment ended
+    early is folded all the same, and the next one's positions start N after its start."""
     Bx, Lx, _ = x.shape
     R = H // HKV
     extra = extra or {}
@@ -87,10 +89,11 @@ def np_infini(x, Wq, Wk, Wv, Wo, beta, cfg, extra=None):
             return num / (den + 1e-6)
         return np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
 
-    for s0 in range(0, Lx, N):
-        s1 = min(Lx, s0 + N)
+    starts = list(range(0, Lx, N)) if starts is None else list(starts)
+    for i, s0 in enumerate(starts):
+        s1 = min(Lx, s0 + N, *starts[i + 1 : i + 2])
         n = s1 - s0
-        pos = np.arange(n) if cfg["rope"] == "segment" else np.arange(s0, s1)
+        pos = np.arange(n) if cfg["rope"] == "segment" else np.arange(i * N, i * N + n)
         qs, ks, vs = q[:, :, s0:s1], k[:, :, s0:s1], v[:, :, s0:s1]
         qr, kr = np_rope(qs, pos), np_rope(ks, pos)
         for h in range(H):
@@ -110,7 +113,7 @@ def np_infini(x, Wq, Wk, Wv, Wo, beta, cfg, extra=None):
                 # A_mem (Eq. 7): un-rotated Q against the memory of segments < s.
                 mem = read(np_sigma(qm[:, h, s0:s1]), M[:, j], z[:, j])
             out[:, h, s0:s1] = g[h] * mem + (1 - g[h]) * local
-        if n < N:
+        if n < N and s1 == Lx:
             break  # the partial last segment stays pending
         if normalized:
             for t in range(s0, s1):  # the delta rule, one token at a time
@@ -150,9 +153,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("cuts", [(L,), (3 * N, L - 3 * N)], ids=["one call", "segments batched"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c.values())))
-def test_layer_matches_numpy_reference(case, cuts):
+def _layer(case):
+    """A one-layer InfiniAttention with random parameters, and what the reference needs of them."""
     args = llama.ModelArgs(
         model_type="llama",
         hidden_size=DIM,
@@ -202,6 +204,17 @@ def test_layer_matches_numpy_reference(case, cuts):
     if cfg.write_conv:
         layer.b_conv1d.weight = mx.random.normal(layer.b_conv1d.weight.shape)
         extra["b_conv"] = np.array(layer.b_conv1d.weight, np.float64)
+    return layer, base, cfg, extra
+
+
+def _weights(base):
+    return [np.array(m.weight, dtype=np.float64) for m in (base.q_proj, base.k_proj, base.v_proj, base.o_proj)]
+
+
+@pytest.mark.parametrize("cuts", [(L,), (3 * N, L - 3 * N)], ids=["one call", "segments batched"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c.values())))
+def test_layer_matches_numpy_reference(case, cuts):
+    layer, base, cfg, extra = _layer(case)
     x = mx.random.normal((B, L, DIM))
 
     cache = InfiniCache(N, cfg.memory)
@@ -228,6 +241,29 @@ def test_layer_matches_numpy_reference(case, cuts):
         assert cache.z is None
     assert cache.offset == L and cache.segment_pos == L % N
 
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c.values())))
+def test_a_segment_ended_early_matches_numpy_reference(case):
+    # Segments start at 0, 12, 24, then 29 and 36 where end_segment cut them (a question's start).
+    layer, base, cfg, extra = _layer(case)
+    x = mx.random.normal((B, L, DIM))
+    cache = InfiniCache(N, cfg.memory)
+    ys = []
+    for a, b in ((0, 29), (29, 36), (36, L)):
+        cache.end_segment()
+        ys.append(layer(x[:, a:b], cache=cache))
+        mx.eval(ys[-1], cache.state)
+    y_ref, M_ref, z_ref = np_infini(
+        np.array(x, dtype=np.float64), *_weights(base), np.array(layer.gate, dtype=np.float64), case, extra,
+        starts=[0, 12, 24, 29, 36],
+    )
+    assert np.abs(np.array(mx.concatenate(ys, axis=1)) - y_ref).max() <= 1e-4
+    assert np.abs(np.array(cache.M) - M_ref).max() <= 1e-4 * max(1, np.abs(M_ref).max())
+    if cfg.memory == "paper":
+        assert np.abs(np.array(cache.z) - z_ref).max() <= 1e-4 * max(1, np.abs(z_ref).max())
+    # The offset moved on to each new segment's start; the last 5 tokens are pending.
+    assert cache.offset == 48 + 5 and cache.segment_pos == 5 and cache.keys.shape[2] >= 5
 
 def test_memory_is_float32_in_half_precision():
     args = llama.ModelArgs(

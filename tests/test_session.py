@@ -77,7 +77,11 @@ def test_questions_are_answered_from_a_copy(tiny):
     model, tok = infini_mlx.load(tiny)
     q = "t5 t9 t11"
     prompt = tok.encode(f"\n\nQuestion: {q}\nAnswer:", add_special_tokens=False)
-    ref = greedy(model, reference_cache(model, tok.encode(text)), prompt, 12, tok.eos_token_ids)
+    cache = reference_cache(model, tok.encode(text))
+    assert cache[0].segment_pos != 0  # the text ends inside a segment; the question starts a new one
+    for c in cache:
+        c.end_segment()
+    ref = greedy(model, cache, prompt, 12, tok.eos_token_ids)
     expected = [f"t{t}" for t in ref]
 
     assert session.ask(q, max_tokens=12).split() == expected
@@ -88,6 +92,36 @@ def test_questions_are_answered_from_a_copy(tiny):
         assert c.offset == len(text.split())
         assert all((a is None and b is None) or mx.array_equal(a, b) for a, b in zip(c.state, saved))
 
+
+
+def test_a_question_starts_a_segment_where_the_memory_is_trained(tiny, tmp_path, monkeypatch):
+    from tiny import save_base
+
+    import infini_mlx.session as S
+
+    seen = []
+
+    def spy(model, tokenizer, prompt, max_tokens, prompt_cache=None, **kwargs):
+        seen.append([(c.offset, c.segment_pos) for c in prompt_cache])
+        return iter(())
+
+    monkeypatch.setattr(S, "stream_generate", spy)
+    save_base(tmp_path / "plain", "llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedMemoryWarning)
+        plain = InfiniSession.load(tmp_path / "plain", segment_len=8)
+    for session in (InfiniSession.load(tiny), plain):
+        session.read(book(21, seed=2))
+        session.ask("t5")
+        session.summarize()
+        assert session.question_segment == (session is not plain)
+        n = session.cache[0].segment_len
+        # Trained: the question and the summary prompt start a segment (21 words, segments of
+        # SEGMENT); untrained: they go on in the text's last segment, the only text they see.
+        expect = [(-(-21 // n) * n, 0)] if session is not plain else [(21, 5)]
+        assert seen == [expect * len(session.cache)] * 2, seen
+        assert all(c.offset == 21 for c in session.cache)  # the reading itself is untouched
+        seen.clear()
 
 def test_a_plain_models_answer_ends_at_its_line_break(tiny, monkeypatch):
     session = InfiniSession.load(tiny)
@@ -183,6 +217,8 @@ def test_chat_template_wraps_the_book_and_the_question(chat):
     # The template opens the user's turn ("t3 t4 "), the book and question follow.
     cache = reference_cache(model, [3, 4] + tok.encode(text))
     assert same_state(session.cache, cache)
+    for c in cache:  # the question starts a segment of its own (a trained memory)
+        c.end_segment()
     prompt = tok.encode("\n\nt9 t10", add_special_tokens=False) + [5, 6, 7]
     expected = [f"t{t}" for t in greedy(model, cache, prompt, 8, tok.eos_token_ids)]
     assert session.ask("t9 t10", max_tokens=8).split() == expected
