@@ -121,8 +121,7 @@ class InfiniCache(_BaseCache):
         if self.segment_pos == 0:
             return
         self.offset += self.segment_len - self.segment_pos
-        if self.dM is not None:
-            self.fold_if_full()
+        self.fold_if_full()
         self.keys = self.values = None
 
     def advance(self, L: int, M: mx.array, z: Optional[mx.array]):

@@ -527,9 +527,10 @@ class Batches:
             if key is not None and (not held or self.rng.random() < self.args.carry_ask_key):
                 q = self.pieces.enc("\n\n" + plain_question("What is the pass key?"))
                 ask = [(q, False), (self.answer(key), True)]
-                if task in ("passkey", "qa"):  # a new key would answer instead
+                if task in ("passkey", "qa"):  # a new key would answer instead: another task
                     rest = [i for i, t in enumerate(self.tasks) if t not in ("passkey", "qa")]
-                    task = self.tasks[rest[int(self.rng.choice(len(rest), p=self.p[rest] / self.p[rest].sum()))]] if rest else "lm"
+                    p = self.p[rest] / self.p[rest].sum() if rest else None
+                    task = self.tasks[rest[int(self.rng.choice(len(rest), p=p))]] if rest else "lm"
             else:
                 name, value = list(held.items())[int(self.rng.integers(len(held)))]
                 ask = [(self.pieces.nl + self.pieces.line(needle_question(name)), False), (self.answer(value), True)]
