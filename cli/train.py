@@ -141,6 +141,10 @@ def train(
         bool,
         typer.Option("--qa-sentence", help="qa puts the key line after a sentence of the book, not after any token."),
     ] = False,
+    answer_shift: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Share of rows that go on with book text after their last answer, so questions fall anywhere in a segment."),
+    ] = 0.0,
     qa_distractors: Annotated[
         int,
         typer.Option(min=0, help="qa rows also hold this many numbers that are not the key (fact lines, chapter headings)."),
@@ -250,6 +254,7 @@ def train(
         first_fact_weight=first_fact_weight,
         qa_sentence=qa_sentence,
         qa_distractors=qa_distractors,
+        answer_shift=answer_shift,
         write_penalty=write_penalty,
         write_leak=write_leak,
         key_overlap=key_overlap,

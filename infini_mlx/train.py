@@ -160,6 +160,10 @@ class TrainArgs:
             one (the newest key a passkey or qa row wrote one or more batches
             before; such a row writes no new key): the prose question over a
             key written tens of thousands of tokens back, as in the prose check.
+        answer_shift: The share of rows that go on after their last answer
+            with 1 to ``segment_len - 1`` tokens of book text (weighted as
+            text), so a question and its answer fall anywhere in a segment, a
+            boundary cutting them too, not always at a segment's end.
         qa_distractors: ``qa`` rows also hold this many numbers that are not
             the key, each a needle's fact line or a chapter heading ("Chapter
             17") at a random place in the book text: the question must find
@@ -224,6 +228,7 @@ class TrainArgs:
     first_fact_weight: float = 1.0
     qa_sentence: bool = False
     qa_distractors: int = 0
+    answer_shift: float = 0.0
     seed: int = 0
     freeze_base: bool = False
     lora_rank: int = 0
@@ -504,7 +509,10 @@ class Batches:
         lo, hi = self.segment_range(step)
         T = int(self.rng.integers(lo, hi + 1)) * self.N + 1
         if not self.args.carry_ask:
-            rows = [getattr(self, self.rng.choice(self.tasks, p=self.p))(T) for _ in range(self.args.batch_size)]
+            rows = []
+            for _ in range(self.args.batch_size):
+                task, tail = self.rng.choice(self.tasks, p=self.p), self._tail()
+                rows.append(self._text_after(*getattr(self, task)(T - tail), tail))
         else:
             rows = [self._row(r, T, carried) for r in range(self.args.batch_size)]
         toks = np.stack([r[0] for r in rows])
@@ -539,18 +547,31 @@ class Batches:
         if held and self.args.carry_ask_chain and self.args.chain_new_names:
             self._avoid |= set(held)
         self._facts, self._key = None, None
-        toks, w, n = getattr(self, task)(T - sum(len(c) for c, _ in ask))
+        tail = self._tail()
+        toks, w, n = getattr(self, task)(T - sum(len(c) for c, _ in ask) - tail)
         self._ask, self._avoid = None, set()
         self.held_key[r] = self._key if self._key is not None else (self.held_key[r] if carried else None)
         if self._facts and self.args.carry_ask_chain:
             self.held[r] = {**(held or {}), **dict(self._facts)}
         else:
             self.held[r] = dict(self._facts) if self._facts else held
-        if not ask:
+        if ask:
+            t2, w2, n = self._sample(ask)
+            # The first question token is a target of the task's last token.
+            toks, w = np.concatenate([toks, t2]), np.concatenate([w, [1.0], w2]).astype(np.float32)
+        return self._text_after(toks, w, n, tail)
+
+    def _tail(self) -> int:
+        """Tokens of book text after a row's last answer (``answer_shift``)."""
+        if not self.args.answer_shift or self.rng.random() >= self.args.answer_shift:
+            return 0
+        return int(self.rng.integers(1, self.N))
+
+    def _text_after(self, toks, w, n, tail: int):
+        if not tail:
             return toks, w, n
-        t2, w2, n = self._sample(ask)
-        # The first question token is a target of the task's last token.
-        return np.concatenate([toks, t2]), np.concatenate([w, [1.0], w2]).astype(np.float32), n
+        i = int(self.rng.integers(0, len(self.books) - tail))
+        return np.concatenate([toks, self.books[i : i + tail]]), np.concatenate([w, np.ones(tail, np.float32)]), n
 
     def _positions(self, w: np.ndarray) -> np.ndarray:
         """``loss_positions`` targets of a row: its answers first, then random others."""

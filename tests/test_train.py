@@ -566,6 +566,34 @@ def test_carry_ask_key_asks_the_newest_key_the_memory_holds(tmp_path, tokenizer_
         Batches(default_tokenizer, books, args(tmp_path, tokenizer_dir, books_dir, carry_state=1.0, carry_ask_key=0.5), 64)
 
 
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_answer_shift_puts_book_text_after_the_last_answer(tmp_path, tokenizer_dir, books_dir, default_tokenizer, carry):
+    from infini_mlx.data import book_tokens
+    from infini_mlx.train import Batches
+
+    books = np.array(book_tokens(default_tokenizer, books_dir, ["alice_in_wonderland_pg11.txt"]), np.int32)
+    kw = dict(carry_state=1.0, carry_ask=1.0) if carry else {}
+    ends = {}
+    for shift in (0.0, 1.0):
+        a = args(tmp_path, tokenizer_dir, books_dir, batch_size=4, segments=[3, 3], answer_shift=shift,
+                 mix={"qa": 0.5, "passkey": 0.5}, seed=2, **kw)
+        b = Batches(default_tokenizer, books, a, 64)
+        ends[shift] = []
+        for step in range(6):
+            x, y, w, _ = b.next(step, carried=carry and step > 0)
+            rows = np.concatenate([np.array(x), np.array(y)[:, -1:]], 1)
+            assert rows.shape[1] == 3 * 64 + 1
+            for r in range(4):
+                last = int(np.flatnonzero(np.array(w)[r] > 1)[-1]) + 1  # the last answer token's position
+                ends[shift].append(rows.shape[1] - 1 - last)  # tokens after it
+                if shift:  # what follows is a window of the books, as is
+                    tail = rows[r, last + 1 :]
+                    starts = np.flatnonzero(books[: len(books) - len(tail)] == tail[0])
+                    assert any(np.array_equal(books[i : i + len(tail)], tail) for i in starts)
+    assert set(ends[0.0]) == {0}  # answers end the row: the segment's end
+    assert min(ends[1.0]) >= 1 and max(ends[1.0]) <= 63 and len(set(ends[1.0])) > 10
+
 def test_chain_new_names_never_write_a_held_name_again(tmp_path, tokenizer_dir, books_dir, default_tokenizer, monkeypatch):
     import infini_mlx.train as tr
     from infini_mlx.data import book_tokens
