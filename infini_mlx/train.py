@@ -162,7 +162,8 @@ class TrainArgs:
             key written tens of thousands of tokens back, as in the prose check.
         answer_shift: The share of rows that go on after their last answer
             with 1 to ``segment_len - 1`` tokens of book text (weighted as
-            text), so a question and its answer fall anywhere in a segment, a
+            text; fewer where the row is short, none in rows of 2 segments),
+            so a question and its answer fall anywhere in a segment, a
             boundary cutting them too, not always at a segment's end.
         qa_distractors: ``qa`` rows also hold this many numbers that are not
             the key, each a needle's fact line or a chapter heading ("Chapter
@@ -511,7 +512,7 @@ class Batches:
         if not self.args.carry_ask:
             rows = []
             for _ in range(self.args.batch_size):
-                task, tail = self.rng.choice(self.tasks, p=self.p), self._tail()
+                task, tail = self.rng.choice(self.tasks, p=self.p), self._tail(T)
                 rows.append(self._text_after(*getattr(self, task)(T - tail), tail))
         else:
             rows = [self._row(r, T, carried) for r in range(self.args.batch_size)]
@@ -547,8 +548,9 @@ class Batches:
         if held and self.args.carry_ask_chain and self.args.chain_new_names:
             self._avoid |= set(held)
         self._facts, self._key = None, None
-        tail = self._tail()
-        toks, w, n = getattr(self, task)(T - sum(len(c) for c, _ in ask) - tail)
+        room = T - sum(len(c) for c, _ in ask)
+        tail = self._tail(room)
+        toks, w, n = getattr(self, task)(room - tail)
         self._ask, self._avoid = None, set()
         self.held_key[r] = self._key if self._key is not None else (self.held_key[r] if carried else None)
         if self._facts and self.args.carry_ask_chain:
@@ -561,11 +563,13 @@ class Batches:
             toks, w = np.concatenate([toks, t2]), np.concatenate([w, [1.0], w2]).astype(np.float32)
         return self._text_after(toks, w, n, tail)
 
-    def _tail(self) -> int:
-        """Tokens of book text after a row's last answer (``answer_shift``)."""
+    def _tail(self, room: int) -> int:
+        """Tokens of book text after a row's last answer (``answer_shift``); the task keeps two
+        segments at least of the ``room`` tokens it shares with them (a passkey prompt needs ~70)."""
         if not self.args.answer_shift or self.rng.random() >= self.args.answer_shift:
             return 0
-        return int(self.rng.integers(1, self.N))
+        hi = min(self.N, room - 2 * self.N)
+        return int(self.rng.integers(1, hi)) if hi > 1 else 0
 
     def _text_after(self, toks, w, n, tail: int):
         if not tail:

@@ -593,6 +593,12 @@ def test_answer_shift_puts_book_text_after_the_last_answer(tmp_path, tokenizer_d
                     assert any(np.array_equal(books[i : i + len(tail)], tail) for i in starts)
     assert set(ends[0.0]) == {0}  # answers end the row: the segment's end
     assert min(ends[1.0]) >= 1 and max(ends[1.0]) <= 63 and len(set(ends[1.0])) > 10
+    # The shortest rows (2 segments) with a carried question keep room for a passkey prompt.
+    a = args(tmp_path, tokenizer_dir, books_dir, batch_size=8, segments=[2, 2], answer_shift=1.0,
+             mix={"passkey": 0.5, "needle": 0.5}, seed=3, carry_state=1.0, carry_ask=1.0)
+    b = Batches(default_tokenizer, books, a, 64)
+    for step in range(10):
+        assert np.array(b.next(step, carried=step > 0)[0]).shape == (8, 2 * 64)
 
 def test_chain_new_names_never_write_a_held_name_again(tmp_path, tokenizer_dir, books_dir, default_tokenizer, monkeypatch):
     import infini_mlx.train as tr
