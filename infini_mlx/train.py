@@ -287,6 +287,8 @@ class Batches:
 
     def __init__(self, tokenizer, books: np.ndarray, args: TrainArgs, segment_len: int):
         self.pieces = Pieces(tokenizer)
+        # The question as ``infini query`` asks it (qa rows, carry_ask_key).
+        self.qa_question = self.pieces.enc("\n\n" + plain_question("What is the pass key?"))
         self.books = books
         self.args = args
         self.N = segment_len
@@ -386,7 +388,7 @@ class Batches:
         """A passkey line hidden in book text, then the question as ``infini query`` asks it."""
         key = self._key = self.key()
         info = self.pieces.word(info_line(key))
-        q = self.pieces.enc("\n\n" + plain_question("What is the pass key?"))
+        q = self.qa_question
         ans = self.answer(key)
         extra = [self._number_line() for _ in range(self.args.qa_distractors)]
         n = T - len(info) - len(q) - len(ans) - sum(map(len, extra))
@@ -534,12 +536,10 @@ class Batches:
         ask, name = [], None
         if (held or key is not None) and self.rng.random() < self.args.carry_ask:
             if key is not None and (not held or self.rng.random() < self.args.carry_ask_key):
-                q = self.pieces.enc("\n\n" + plain_question("What is the pass key?"))
-                ask = [(q, False), (self.answer(key), True)]
+                ask = [(self.qa_question, False), (self.answer(key), True)]
                 if task in ("passkey", "qa"):  # a new key would answer instead: another task
                     rest = [i for i, t in enumerate(self.tasks) if t not in ("passkey", "qa")]
-                    p = self.p[rest] / self.p[rest].sum() if rest else None
-                    task = self.tasks[rest[int(self.rng.choice(len(rest), p=p))]] if rest else "lm"
+                    task = self.tasks[self.rng.choice(rest, p=self.p[rest] / self.p[rest].sum())] if rest else "lm"
             else:
                 name, value = list(held.items())[int(self.rng.integers(len(held)))]
                 ask = [(self.pieces.nl + self.pieces.line(needle_question(name)), False), (self.answer(value), True)]
